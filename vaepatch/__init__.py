@@ -1,0 +1,15 @@
+"""vaepatch: numerically stable scales and KL for the reference hierarchical VAEs.
+
+    import vaepatch
+    vaepatch.apply("upbounded1")      # patch openai/vdvae (and NVlabs/NVAE) in place
+    vaepatch.revert()                 # exact restore
+
+See ``vaepatch.variants()`` for the built-in variants and ``vaepatch.scales`` for the
+parameterizations.
+"""
+__version__ = "0.1.0"
+
+from vaepatch import gaussian, scales
+from vaepatch.variant import OU, Variant, variants
+
+__all__ = ["OU", "Variant", "variants", "scales", "gaussian", "__version__"]

@@ -1,0 +1,3 @@
+from vaepatch.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,494 @@
+"""Pinned upstream clones (openai/vdvae, NVlabs/NVAE): where they live, fetching, verifying.
+
+vaepatch never vendors or edits upstream code. It patches the upstream modules at runtime, and
+every patch is written against one exact commit, so this module makes sure the clone on disk is
+that commit and untouched before anything imports it.
+
+The pins live in ``vaepatch/upstream_pins.toml`` (shipped in the wheel, so an installed package
+works without the repo); ``third_party/UPSTREAM.toml`` is an identical copy for people reading
+the repo. GitPython is imported inside the functions that need it so ``import vaepatch`` stays
+light.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import shutil
+import sys
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python < 3.11
+    import tomli as tomllib
+
+__all__ = [
+    "Pin", "PINS", "pin", "UpstreamError", "Status", "repo_root", "default_dest", "fetch",
+    "status", "check", "locate", "verify", "add_to_path", "cli_fetch",
+]
+
+PINS_FILE = Path(__file__).with_name("upstream_pins.toml")
+
+
+@dataclass(frozen=True)
+class Pin:
+    """One upstream codebase at the exact commit vaepatch's patches were written for."""
+
+    name: str
+    url: str
+    commit: str
+    env: str
+    modules: tuple[str, ...]
+
+
+class UpstreamError(RuntimeError):
+    """A clone is missing, at the wrong commit, modified, or cannot be fetched.
+
+    Every message says what is wrong and the exact command that fixes it.
+    """
+
+
+def _load_pins(path: Path = PINS_FILE) -> dict[str, Pin]:
+    """Read the pins file; a malformed entry is a bug in the package, so fail loudly."""
+    with open(path, "rb") as f:
+        data = tomllib.load(f)
+    pins = {}
+    for name, entry in data.items():
+        commit = str(entry["commit"]).lower()
+        if len(commit) != 40 or any(c not in "0123456789abcdef" for c in commit):
+            raise ValueError(f"{path}: [{name}] commit must be a full 40-hex sha, got {commit!r}")
+        pins[name] = Pin(name=name, url=entry["url"], commit=commit, env=entry["env"],
+                         modules=tuple(entry["modules"]))
+    return pins
+
+
+PINS: dict[str, Pin] = _load_pins()
+
+
+def pin(name: str) -> Pin:
+    """The pin for ``name``; an unknown name lists the known ones."""
+    try:
+        return PINS[name]
+    except KeyError:
+        raise ValueError(f"unknown upstream {name!r}; known targets: "
+                         f"{', '.join(sorted(PINS))}") from None
+
+
+# --------------------------------------------------------------------------- locations
+
+def repo_root() -> Path | None:
+    """The vaepatch source checkout we run from, if any.
+
+    It is the first directory above the package that holds ``third_party/UPSTREAM.toml``; an
+    installed package (site-packages) has none, and then clones go to a per-user cache.
+    """
+    here = Path(__file__).resolve().parent
+    for d in (here, *here.parents):
+        if (d / "third_party" / "UPSTREAM.toml").is_file():
+            return d
+    return None
+
+
+def default_dest(name: str) -> Path:
+    """Where ``vaepatch fetch NAME`` puts the clone when nobody says otherwise.
+
+    Source checkout: ``<repo>/third_party/<name>`` (git-ignored). Installed package:
+    ``$VAEPATCH_HOME/<name>``, else ``~/.cache/vaepatch/<name>``.
+    """
+    pin(name)
+    root = repo_root()
+    if root is not None:
+        return root / "third_party" / name
+    home = os.environ.get("VAEPATCH_HOME")
+    base = Path(home).expanduser() if home else Path.home() / ".cache" / "vaepatch"
+    return base / name
+
+
+def _configured_path(name: str) -> Path:
+    """The clone path fetch/status use by default: ``$VAEPATCH_<NAME>`` if set, else default_dest.
+
+    Keeping fetch and locate on the same path means "fetch, then run" always finds the clone.
+    """
+    env = os.environ.get(pin(name).env)
+    return Path(env).expanduser() if env else default_dest(name)
+
+
+def _fetch_cmd(name: str, dest: Path | None = None, *, force: bool = False,
+               source: str | None = None) -> str:
+    """The exact ``vaepatch fetch`` command line for ``name`` (``--dest`` only when needed)."""
+    parts = ["vaepatch", "fetch", name]
+    if source:
+        parts += ["--source", str(source)]
+    if dest is not None and Path(dest).expanduser().absolute() != \
+            _configured_path(name).expanduser().absolute():
+        parts += ["--dest", str(dest)]
+    if force:
+        parts.append("--force")
+    return " ".join(shlex.quote(p) for p in parts)
+
+
+def locate(name: str, upstream: str | os.PathLike | None = None) -> Path | None:
+    """Find the clone of ``name``: the ``upstream`` argument, then ``$VAEPATCH_<NAME>``, then
+    :func:`default_dest`. Returns None when only the default was tried and it is absent.
+
+    An explicit path (argument or env var) that does not exist raises: silently using some
+    other clone would run the wrong code without anyone noticing.
+    """
+    p = pin(name)
+    if upstream is not None:
+        where, path = f"upstream={str(upstream)!r}", Path(upstream).expanduser()
+    elif os.environ.get(p.env):
+        where, path = f"${p.env}={os.environ[p.env]!r}", Path(os.environ[p.env]).expanduser()
+    else:
+        path = default_dest(name)
+        return path.resolve() if path.is_dir() else None
+    if not path.is_dir():
+        raise UpstreamError(
+            f"{where} points to {path}, which is not a directory, so there is no {name} clone "
+            f"to use.\nrun: vaepatch fetch {shlex.quote(name)} --dest {shlex.quote(str(path))}")
+    return path.resolve()
+
+
+def add_to_path(path: str | os.PathLike) -> None:
+    """Put a clone first on ``sys.path`` (once), so its top-level modules import by name."""
+    entry = str(Path(path).resolve())
+    if entry not in sys.path:
+        sys.path.insert(0, entry)
+
+
+# --------------------------------------------------------------------------- git helpers
+
+def _git():
+    """Import GitPython lazily; it needs a git executable, so say how to get both."""
+    try:
+        import git
+    except ImportError as e:
+        raise UpstreamError(
+            f"GitPython is needed to fetch and verify upstream clones ({e}).\n"
+            "run: pip install gitpython   (and install the git command-line tool)") from None
+    return git
+
+
+def _open_repo(path: Path):
+    """The git repo whose top level is ``path`` exactly, or None.
+
+    A plain directory inside some other checkout (e.g. third_party/vdvae inside the vaepatch
+    repo) must not count as a clone, so parent directories are not searched.
+    """
+    git = _git()
+    try:
+        repo = git.Repo(path, search_parent_directories=False)
+    except (git.InvalidGitRepositoryError, git.NoSuchPathError):
+        return None
+    if repo.bare or repo.working_tree_dir is None:
+        return None
+    if Path(repo.working_tree_dir).resolve() != path.resolve():
+        return None
+    return repo
+
+
+def _head(repo) -> str | None:
+    try:
+        return repo.head.commit.hexsha
+    except ValueError:  # no commits yet
+        return None
+
+
+def _modified_files(repo) -> list[str]:
+    """Tracked files that differ from HEAD (staged or not). Untracked files (``__pycache__``,
+    outputs) do not count: they do not change the upstream code we patch."""
+    out = repo.git.diff("--name-only", "HEAD", "--")
+    return [line for line in out.splitlines() if line]
+
+
+def _has_commit(repo, commit: str) -> bool:
+    git = _git()
+    try:
+        repo.git.cat_file("-e", f"{commit}^{{commit}}")
+        return True
+    except git.GitCommandError:
+        return False
+
+
+def _bring_commit(repo, source: str, commit: str) -> bool:
+    """Make ``commit`` present in ``repo`` from ``source``; True if it is there afterwards.
+
+    Fetching a sha directly works with GitHub and local repos (protocol v2); the branch and
+    tag fetch is the fallback for servers that refuse it.
+    """
+    git = _git()
+    if _has_commit(repo, commit):
+        return True
+    attempts = [(source, commit),
+                ("--tags", source, "+refs/heads/*:refs/remotes/vaepatch-source/*")]
+    for args in attempts:
+        try:
+            repo.git.fetch(*args, env={"GIT_TERMINAL_PROMPT": "0"})
+        except git.GitCommandError:
+            continue
+        if _has_commit(repo, commit):
+            return True
+    return False
+
+
+def _checkout(repo, commit: str) -> None:
+    """Detached, forced checkout: also fills the work tree of a ``--no-checkout`` clone."""
+    repo.git.checkout("--force", "--detach", commit)
+
+
+def _source_arg(source: str) -> str:
+    """Local paths become absolute, so the clone's origin stays valid from any directory."""
+    p = Path(source).expanduser()
+    return str(p.resolve()) if p.exists() else source
+
+
+def _missing_commit_error(p: Pin, source: str, dest: Path, force: bool) -> UpstreamError:
+    if source == p.url:
+        fix = ("The upstream no longer has it; fetch from a clone or mirror that does:\n"
+               f"run: {_fetch_cmd(p.name, dest, force=force, source='/path/to/clone-or-mirror')}")
+    else:
+        fix = f"run: {_fetch_cmd(p.name, dest, force=force, source=p.url)}"
+    return UpstreamError(
+        f"{source} does not contain {p.name}'s pinned commit {p.commit}.\n{fix}")
+
+
+# --------------------------------------------------------------------------- verify / status
+
+def verify(path: str | os.PathLike, name: str, allow_dirty: bool = False) -> Path:
+    """Check that ``path`` is a clone of ``name`` at the pinned commit with unmodified tracked
+    files; return it resolved. Raises UpstreamError with the fix otherwise.
+
+    vaepatch's patches and fingerprints are exact for the pinned commit; any other code could
+    be patched wrongly, so this refuses it instead of hoping.
+    """
+    p = pin(name)
+    path = Path(path).expanduser()
+    q = shlex.quote(str(path))
+    if not path.is_dir():
+        raise UpstreamError(
+            f"{name}: {path} does not exist or is not a directory.\n"
+            f"run: vaepatch fetch {name} --dest {q}")
+    repo = _open_repo(path)
+    if repo is None:
+        raise UpstreamError(
+            f"{name}: {path} is not a git checkout, so its commit cannot be checked.\n"
+            f"Move it aside, then run: vaepatch fetch {name} --dest {q}")
+    head = _head(repo)
+    if head != p.commit:
+        raise UpstreamError(
+            f"{name}: {path} is at commit {head}, but vaepatch is pinned to {p.commit}.\n"
+            f"run: {_fetch_cmd(name, path, force=True)}\n"
+            f"  or: git -C {q} checkout {p.commit}")
+    modified = _modified_files(repo)
+    if modified:
+        msg = (f"{name}: {path} has modified tracked files: {', '.join(modified)}.\n"
+               f"vaepatch never edits the clone (it patches at runtime), so these are someone "
+               f"else's edits and would change what gets patched.\n"
+               f"run: git -C {q} stash   (keeps the edits)\n"
+               f"  or: {_fetch_cmd(name, path, force=True)}   (discards them)")
+        if not allow_dirty:
+            raise UpstreamError(msg)
+        warnings.warn(msg, stacklevel=2)
+    return path.resolve()
+
+
+@dataclass
+class Status:
+    """What is on disk for one target, for ``vaepatch fetch --check``."""
+
+    name: str
+    path: Path
+    present: bool          # the directory exists
+    commit: str | None     # its HEAD, if it is a git checkout
+    dirty: bool | None     # tracked files modified, if it is a git checkout
+    ok: bool               # usable: pinned commit and clean
+    message: str           # "ok", or what is wrong and the command that fixes it
+    state: str = ""        # one word or two for the table: ok, missing, wrong commit, ...
+
+
+def status(name: str, path: str | os.PathLike | None = None) -> Status:
+    """Inspect the clone of ``name`` at ``path`` (default: ``$VAEPATCH_<NAME>`` or
+    default_dest) without raising."""
+    p = pin(name)
+    path = Path(path).expanduser() if path is not None else _configured_path(name)
+    present = path.exists()
+    commit = dirty = None
+    repo = _open_repo(path) if path.is_dir() else None
+    if repo is not None:
+        commit = _head(repo)
+        dirty = bool(_modified_files(repo))
+    try:
+        verify(path, name)
+        message, state = "ok", "ok"
+    except UpstreamError as e:
+        message = str(e)
+        if not present:
+            state = "missing"
+        elif repo is None:
+            state = "not a git checkout"
+        elif commit != p.commit:
+            state = "wrong commit"
+        else:
+            state = "dirty"
+    return Status(name=name, path=path, present=present, commit=commit, dirty=dirty,
+                  ok=(state == "ok"), message=message, state=state)
+
+
+def check(path: str | os.PathLike | None = None,
+          names: list[str] | None = None) -> list[Status]:
+    """Status of every target (or ``names``). ``path`` is a base directory holding one
+    ``<name>`` clone per target; by default each target's own configured location."""
+    names = list(PINS) if names is None else names
+    return [status(n, None if path is None else Path(path) / n) for n in names]
+
+
+# --------------------------------------------------------------------------- fetch
+
+def fetch(name: str, source: str | os.PathLike | None = None,
+          dest: str | os.PathLike | None = None, force: bool = False) -> Path:
+    """Clone ``name`` at its pinned commit (detached) into ``dest`` and return the path.
+
+    ``source`` is a URL or a local clone / bare mirror (default: the pin's url); ``dest``
+    defaults to ``$VAEPATCH_<NAME>`` or :func:`default_dest`. An existing clone at the pinned
+    commit is left alone. One at another commit, or with modified tracked files, is an error
+    unless ``force`` -- then the commit is fetched into it and checked out, discarding those
+    modifications.
+    """
+    p = pin(name)
+    source = _source_arg(str(source)) if source is not None else p.url
+    dest = Path(dest).expanduser() if dest is not None else _configured_path(name)
+
+    if dest.exists() and not dest.is_dir():
+        raise UpstreamError(
+            f"{name}: {dest} exists and is not a directory.\n"
+            f"Remove it or pick another place: vaepatch fetch {name} --dest /other/dir")
+    if dest.is_dir() and any(dest.iterdir()):
+        return _update_existing(p, source, dest, force)
+
+    # Clone beside dest and rename at the end: a dest that exists is always a whole clone.
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    if dest.is_dir():
+        dest.rmdir()  # empty
+    git = _git()
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.partial-", dir=dest.parent))
+    try:
+        print(f"{name}: cloning {source} into {dest}")
+        try:
+            repo = git.Repo.clone_from(source, tmp, no_checkout=True,
+                                       env={"GIT_TERMINAL_PROMPT": "0"})
+        except git.GitCommandError as e:
+            raise UpstreamError(
+                f"{name}: could not clone {source}: {(e.stderr or str(e)).strip()}\n"
+                f"Offline? Fetch from a local clone or bare mirror instead:\n"
+                f"run: {_fetch_cmd(name, dest, source='/path/to/clone-or-mirror')}") from None
+        if not _bring_commit(repo, source, p.commit):
+            raise _missing_commit_error(p, source, dest, False)
+        _checkout(repo, p.commit)
+        repo.close()
+        os.replace(tmp, dest)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    verify(dest, name)
+    print(f"{name}: checked out pinned commit {p.commit[:12]} at {dest}")
+    return dest.resolve()
+
+
+def _update_existing(p: Pin, source: str, dest: Path, force: bool) -> Path:
+    """fetch() into a non-empty ``dest``: no-op if already right, else only with ``force``."""
+    repo = _open_repo(dest)
+    if repo is None:
+        # Never delete a directory we did not create, even with --force.
+        verify(dest, p.name)  # raises "not a git checkout" with the fix
+    head, modified = _head(repo), _modified_files(repo)
+    if head == p.commit and not modified:
+        print(f"{p.name}: already at pinned commit {p.commit[:12]} ({dest})")
+        return dest.resolve()
+    if not force:
+        verify(dest, p.name)  # raises: wrong commit or dirty, with the fix
+    if modified:
+        print(f"{p.name}: --force: discarding modifications to tracked files in {dest}: "
+              f"{', '.join(modified)}")
+    if head != p.commit:
+        print(f"{p.name}: --force: moving {dest} from {head} to {p.commit} (from {source})")
+        if not _bring_commit(repo, source, p.commit):
+            raise _missing_commit_error(p, source, dest, True)
+    _checkout(repo, p.commit)
+    repo.close()
+    verify(dest, p.name)
+    print(f"{p.name}: checked out pinned commit {p.commit[:12]} at {dest}")
+    return dest.resolve()
+
+
+# --------------------------------------------------------------------------- CLI
+
+def _table(rows: list[list[str]]) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
+
+
+def cli_fetch(argv: list[str] | None = None) -> int:
+    """``vaepatch fetch [TARGET] [--source S] [--dest D] [--force]`` / ``vaepatch fetch --check``.
+
+    Returns the exit code: 0 fine, 1 a --check found a problem, 2 an error (message on stderr,
+    no traceback) or bad arguments.
+    """
+    targets = list(PINS)
+    parser = argparse.ArgumentParser(
+        prog="vaepatch fetch",
+        description="Clone the pinned upstream codebases, or check the clones on disk.",
+        epilog="Without --dest, clones go to $VAEPATCH_<NAME> if set, else third_party/<name> "
+               "in a source checkout, else $VAEPATCH_HOME/<name> or ~/.cache/vaepatch/<name>.")
+    parser.add_argument("target", nargs="?", default="all", choices=[*targets, "all"],
+                        help="which upstream (default: all)")
+    parser.add_argument("--source", metavar="URL_OR_PATH",
+                        help="clone from here instead of the pinned URL (a local clone or bare "
+                             "mirror works offline); only with a single target")
+    parser.add_argument("--dest", metavar="DIR",
+                        help="the clone directory; with 'all', a directory that gets one "
+                             "<name> subdirectory per target")
+    parser.add_argument("--force", action="store_true",
+                        help="move an existing clone to the pinned commit, discarding "
+                             "modifications to its tracked files")
+    parser.add_argument("--check", action="store_true",
+                        help="report each clone's path, commit and status; fetch nothing")
+    try:
+        args = parser.parse_args(argv)
+        if args.check and (args.source or args.force):
+            parser.error("--check fetches nothing; it takes no --source or --force")
+        if args.source and args.target == "all":
+            parser.error("--source is one repository; name the target it is for "
+                         f"({' or '.join(targets)})")
+    except SystemExit as e:  # argparse exits on errors and --help; return the code instead
+        return e.code if isinstance(e.code, int) else 2
+
+    names = targets if args.target == "all" else [args.target]
+
+    def dest_for(n: str) -> Path | None:
+        if args.dest is None:
+            return None
+        return Path(args.dest) / n if args.target == "all" else Path(args.dest)
+
+    if args.check:
+        statuses = [status(n, dest_for(n)) for n in names]
+        rows = [["target", "path", "commit", "status"]]
+        rows += [[s.name, str(s.path), s.commit[:12] if s.commit else "-", s.state]
+                 for s in statuses]
+        print(_table(rows))
+        for s in statuses:
+            if not s.ok:
+                print(f"\n{s.message}")
+        return 0 if all(s.ok for s in statuses) else 1
+
+    code = 0
+    for n in names:
+        try:
+            fetch(n, source=args.source, dest=dest_for(n), force=args.force)
+        except UpstreamError as e:
+            print(f"error: {e}", file=sys.stderr)
+            code = 2
+    return code
