@@ -10,6 +10,7 @@ parameterizations.
 __version__ = "0.1.0"
 
 from vaepatch import gaussian, scales
+from vaepatch.targets import active, apply, patched, revert
 from vaepatch.variant import OU, Variant, variants
 
-__all__ = ["OU", "Variant", "variants", "scales", "gaussian", "__version__"]
+__all__ = ["apply", "revert", "patched", "active", "OU", "Variant", "variants", "scales", "gaussian", "__version__"]

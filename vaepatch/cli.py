@@ -7,6 +7,7 @@ USAGE = """usage: vaepatch COMMAND [ARGS]
 
 commands:
   bench numerics   the paper's Table 1: where each KL implementation stops being finite
+  bench vdvae-step-time  training-step time of the real openai/vdvae, patched / vanilla (needs a clone)
   variants         list the built-in variants
   fetch            clone the pinned upstreams (vaepatch fetch vdvae|nvae|all [--source PATH]; --check)
 
@@ -25,7 +26,7 @@ def _variants(argv) -> int:
 
 
 def _bench(argv) -> int:
-    benches = {"numerics": "vaepatch.bench.numerics"}
+    benches = {"numerics": "vaepatch.bench.numerics", "vdvae-step-time": "vaepatch.bench.vdvae_steptime"}
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in benches:
         known = ", ".join(benches)
         if argv and argv[0] not in ("-h", "--help"):

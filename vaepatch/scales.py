@@ -6,8 +6,8 @@ should come from a map whose log is known in closed form, so the KL never takes
 
 Every parameterization here returns ``(scale, log_scale)`` with ``log_scale``
 computed analytically.  Piecewise forms evaluate each branch on a clipped copy of
-p (``p_neg = min(p, 0)``, ``p_pos = max(p, 0)``, built with ``torch.where`` so
-the gradient flows through exactly one branch), so no branch ever produces
+p (``p_neg = min(p, 0)``, ``p_pos = p - p_neg``, so the gradient flows through
+exactly one branch), so no branch ever produces
 ``inf * 0`` (paper, section 5).
 
 >>> from vaepatch import scales
@@ -28,14 +28,14 @@ import torch.nn.functional as F
 PIXEL_ALPHA = 1.0 / (256.0 * math.sqrt(12.0))
 
 
-def _neg(p):
-    """min(p, 0) whose gradient is 1 only where p <= 0 (clamp would also pass it at p == 0 twice)."""
-    return torch.where(p <= 0, p, torch.zeros_like(p))
+def _split(p):
+    """(min(p, 0), max(p, 0)) whose gradients sum to exactly 1 everywhere, p == 0 included.
 
-
-def _pos(p):
-    """max(p, 0) whose gradient is 1 only where p > 0."""
-    return torch.where(p > 0, p, torch.zeros_like(p))
+    clamp passes the gradient at its boundary, so the positive part is p - min(p, 0)
+    rather than a second clamp (two clamps would both pass it at p == 0: gradient 2).
+    """
+    neg = torch.clamp(p, max=0.0)
+    return neg, p - neg
 
 
 def _naive_exp(p):
@@ -48,12 +48,12 @@ def _exp(p):
 
 
 def _explin(p):
-    n, q = _neg(p), _pos(p)
+    n, q = _split(p)
     return torch.exp(n) + q, n + torch.log1p(q)
 
 
 def _upbounded(p, omega):
-    n, q = _neg(p), _pos(p)
+    n, q = _split(p)
     m = -torch.expm1(-q)  # 1 - exp(-p+) in [0, 1), accurate near 0
     half = omega / 2.0
     return half * (torch.exp(n) + m), (n + torch.log1p(m)) + math.log(half)

@@ -1,0 +1,104 @@
+"""`vaepatch bench vdvae-step-time`: training-step time of the real openai/vdvae, patched / vanilla.
+
+A small VDVAE on CPU (width 32, zdim 8, one block per resolution, batch 16, 32x32), the
+same weights and batch for every variant, steps interleaved (vanilla, patched, vanilla, ...)
+so drift in the machine's speed hits both alike; the ratio is median patched / median vanilla.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+ONE_BLOCK_PER_RESOLUTION = dict(
+    dec_blocks="1x1,4m1,8m4,16m8,32m16",
+    enc_blocks="32x1,32d2,16x1,16d2,8x1,8d2,4x1,4d4,1x1",
+)
+
+
+def tiny_hparams(**overrides):
+    """Upstream's own hyperparameters (argparse defaults + the cifar10 set), made tiny."""
+    import hps  # from the clone on sys.path
+
+    parser = argparse.ArgumentParser()
+    hps.add_vae_arguments(parser)
+    H = hps.Hyperparams()
+    H.update(vars(parser.parse_args([])))
+    H.update(hps.HPARAMS_REGISTRY["cifar10"])
+    H.update(dict(width=32, zdim=8, n_batch=16, image_size=32, image_channels=3, **ONE_BLOCK_PER_RESOLUTION))
+    H.update(overrides)
+    return H
+
+
+def tiny_vae(seed=0, **overrides):
+    import vae
+
+    torch.manual_seed(seed)
+    H = tiny_hparams(**overrides)
+    return H, vae.VAE(H)
+
+
+def cifar_like_batch(n, seed=0, size=32):
+    """Upstream's input convention: (N, H, W, C) in [-1, 1], target likewise."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(n, size, size, 3, generator=g) * 2 - 1
+    return x, x.clone()
+
+
+def _step(model, optimizer, x):
+    optimizer.zero_grad(set_to_none=True)
+    t0 = time.perf_counter()
+    stats = model(x, x)
+    stats["elbo"].backward()
+    optimizer.step()
+    return time.perf_counter() - t0
+
+
+def measure(variant="upbounded1", steps=30, warmup=5, threads=None, seed=0):
+    """Median step seconds for vanilla and the variant, interleaved, and their ratio."""
+    import vaepatch
+    from vaepatch import upstream
+
+    if threads:
+        torch.set_num_threads(threads)
+    path = upstream.locate("vdvae")
+    if path is None:
+        raise upstream.UpstreamError("no openai/vdvae clone for the step-time bench.\nrun: vaepatch fetch vdvae")
+    upstream.add_to_path(upstream.verify(path, "vdvae"))
+    vaepatch.revert("vdvae")
+    H, model = tiny_vae(seed)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    x, _ = cifar_like_batch(H.n_batch, seed)
+    models = {}
+    for name in ("vanilla", variant):
+        _, m = tiny_vae(seed)
+        m.load_state_dict(state)
+        models[name] = (m, torch.optim.SGD(m.parameters(), lr=1e-6))
+    times = {name: [] for name in models}
+    from tqdm import tqdm
+
+    for i in tqdm(range(warmup + steps), desc=f"vanilla vs {variant}", unit="pair"):
+        for name, (m, opt) in models.items():
+            with vaepatch.patched(name, target="vdvae"):
+                dt = _step(m, opt, x)
+            if i >= warmup:
+                times[name].append(dt)
+    med = {name: statistics.median(ts) for name, ts in times.items()}
+    return {"variant": variant, "vanilla_s": med["vanilla"], "patched_s": med[variant],
+            "ratio": med[variant] / med["vanilla"], "steps": steps, "threads": torch.get_num_threads()}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="vaepatch bench vdvae-step-time", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--variants", default="upbounded1,explin,upbounded1-cst1", help="comma-separated variants to time against vanilla")
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    args = parser.parse_args(argv)
+    rows = [measure(v.strip(), args.steps, args.warmup, args.threads) for v in args.variants.split(",") if v.strip()]
+    print(f"{'variant':18} {'vanilla ms':>11} {'patched ms':>11} {'ratio':>7}   (median of {args.steps} interleaved steps, {rows[0]['threads']} threads)")
+    for r in rows:
+        print(f"{r['variant']:18} {1e3 * r['vanilla_s']:11.2f} {1e3 * r['patched_s']:11.2f} {r['ratio']:7.3f}")
+    return 0

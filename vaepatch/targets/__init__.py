@@ -1,0 +1,144 @@
+"""apply / revert / patched: one call patches each supported upstream that is present.
+
+Each target module (``vdvae``, later ``nvae``) says which upstream modules it needs
+(``MODULES``) and builds its patch list (``build(variant, modules)``); this module finds
+the upstream, checks its commit, imports it, and keeps one active PatchSet per target.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib
+import sys
+from dataclasses import dataclass, field
+
+from vaepatch import upstream as _upstream
+from vaepatch.patching import PatchSet
+from vaepatch.variant import Variant
+
+TARGETS = {"vdvae": "vaepatch.targets.vdvae"}
+_active: dict = {}  # target name -> Handle
+
+
+@dataclass
+class Handle:
+    """What one ``apply`` did to one upstream: the variant, where it came from, the patches."""
+
+    target: str
+    variant: Variant
+    location: str
+    patchset: PatchSet = field(repr=False)
+
+    def revert(self):
+        self.patchset.revert()
+        if _active.get(self.target) is self:
+            del _active[self.target]
+
+
+def _target_module(name):
+    if name not in TARGETS:
+        raise ValueError(f"unknown target {name!r}; supported: {', '.join(TARGETS)}")
+    return importlib.import_module(TARGETS[name])
+
+
+def _import_upstream(name, upstream, strict):
+    """The upstream's modules: already imported ones win, else the located clone (verified)."""
+    target = _target_module(name)
+    if all(m in sys.modules for m in target.MODULES) and upstream is None:
+        modules = {m: sys.modules[m] for m in target.MODULES}
+        return modules, getattr(modules[target.MODULES[-1]], "__file__", "already imported")
+    path = _upstream.locate(name, upstream)
+    if path is None:
+        raise _upstream.UpstreamError(
+            f"no {name} clone found (looked at upstream=, ${_upstream.pin(name).env}, {_upstream.default_dest(name)}) "
+            f"and its modules {', '.join(target.MODULES)} are not imported.\nrun: vaepatch fetch {name}")
+    try:
+        _upstream.verify(path, name)
+    except _upstream.UpstreamError:
+        if strict:
+            raise
+        import warnings
+
+        warnings.warn(f"{name} clone at {path} is not the pinned commit or has local edits; patching anyway (strict=False)", stacklevel=4)
+    _upstream.add_to_path(path)
+    modules = {m: importlib.import_module(m) for m in target.MODULES}
+    for m, mod in modules.items():
+        if not str(getattr(mod, "__file__", "")).startswith(str(path)):
+            raise _upstream.UpstreamError(f"module {m!r} was imported from {getattr(mod, '__file__', '?')}, not from the {name} clone at {path}: "
+                                          f"another module named {m!r} shadows it. Start a fresh interpreter, or put {path} first on sys.path.")
+    return modules, str(path)
+
+
+def _present(name):
+    target = _target_module(name)
+    if all(m in sys.modules for m in target.MODULES):
+        return True
+    try:
+        return _upstream.locate(name) is not None
+    except _upstream.UpstreamError:
+        return True  # an explicit but broken location: let apply report it
+
+
+def apply(variant, target=None, upstream=None, strict=True):
+    """Patch ``target`` (default: every supported upstream that is present) with ``variant``.
+
+    Applying the variant already active is a no-op; another variant is swapped in after the
+    old one is reverted.  Returns the Handle (or a list of them when target is None and more
+    than one upstream is present).
+    """
+    variant = Variant.parse(variant)
+    names = [target] if target is not None else [n for n in TARGETS if _present(n)]
+    if target is not None:
+        _target_module(target)
+    if not names:
+        raise _upstream.UpstreamError(
+            "no supported upstream found to patch: none of "
+            + ", ".join(f"{n} ({_upstream.default_dest(n)}, ${_upstream.pin(n).env})" for n in TARGETS)
+            + " is present or imported.\nrun: vaepatch fetch vdvae   (or pass upstream=PATH and target=...)")
+    handles = [_apply_one(n, variant, upstream, strict) for n in names]
+    return handles[0] if len(handles) == 1 else handles
+
+
+def _apply_one(name, variant, upstream, strict):
+    active = _active.get(name)
+    if active is not None and active.variant.spec == variant.spec and upstream is None:
+        return active
+    modules, location = _import_upstream(name, upstream, strict)
+    if active is not None:
+        active.revert()
+    target = _target_module(name)
+    patches = [] if variant.is_vanilla else target.build(variant, modules)
+    pinned = _upstream.pin(name).commit
+    patchset = PatchSet(patches, label=f"{name} ({location}) with variant {variant.name!r}", pinned_commit=pinned)
+    patchset.apply(strict=strict)
+    handle = Handle(name, variant, location, patchset)
+    _active[name] = handle
+    return handle
+
+
+def revert(target=None):
+    """Restore every original of ``target`` (default: all patched targets) exactly."""
+    names = [target] if target is not None else list(_active)
+    for name in names:
+        if name in _active:
+            _active[name].revert()
+
+
+def active():
+    """Target name -> variant currently applied."""
+    return {name: handle.variant for name, handle in _active.items()}
+
+
+@contextlib.contextmanager
+def patched(variant, target=None, upstream=None, strict=True):
+    """``with vaepatch.patched("upbounded1"): ...`` — apply on entry, restore on exit."""
+    before = dict(_active)
+    handles = apply(variant, target, upstream, strict)
+    try:
+        yield handles
+    finally:
+        for handle in handles if isinstance(handles, list) else [handles]:
+            handle.revert()
+        for name, previous in before.items():  # put back what was active before the block
+            if name not in _active:
+                previous.patchset.apply(strict=False)
+                _active[name] = previous

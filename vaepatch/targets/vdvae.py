@@ -1,0 +1,107 @@
+"""The openai/vdvae target: what to replace, built on scales, gaussian and the patch engine.
+
+Upstream treats the raw head outputs ``qv`` (posterior) and ``pv`` (prior) as log sigma and
+computes the KL as ``logsigma.exp() ** 2 / logsigma2.exp() ** 2``.  The patch replaces
+
+- ``vae.DecBlock.sample``: q's scale from qv through the posterior parameterization, p's
+  from pv through the prior one, z drawn from q, the stable KL;
+- ``vae.DecBlock.sample_uncond``: z drawn from p, temperature *multiplying* sigma (upstream
+  adds log t to pv, which is only right when log sigma = pv);
+- ``gaussian_analytical_kl`` / ``draw_gaussian_diag_samples`` in ``vae_helpers`` and in
+  ``vae`` (imported there by value), for callers outside DecBlock: the KL reads its two raw
+  scales as (posterior, prior), a draw's raw scale as posterior.
+
+The pixel distribution (discretized mixture of logistics) is left alone.  A side the variant
+leaves to "upstream" uses ``exp`` (sigma = exp(raw), log sigma = raw exactly: upstream's own
+parameterization) with the stable KL.
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from vaepatch import gaussian, scales
+from vaepatch.patching import Patch
+
+NAME = "vdvae"
+MODULES = ("vae_helpers", "vae")
+UPSTREAM_SCALE = scales.get("exp")
+
+# fingerprint(owner, attribute) of each replaced original at the pinned commit
+# ea35b490313bc33e7f8ac63dd8132f3cc1a729b4 (vaepatch.patching.fingerprint).
+FINGERPRINTS = {
+    ("vae.DecBlock", "sample"): "efdf5a1f4823ca6d",
+    ("vae.DecBlock", "sample_uncond"): "a690a1a7dac4b14b",
+    ("vae_helpers", "gaussian_analytical_kl"): "57f0deab5b066994",
+    ("vae_helpers", "draw_gaussian_diag_samples"): "4c39ce45cc084d9b",
+}
+
+
+def _split_prior(block, x):
+    """The prior head's output as (mean, raw scale, residual features)."""
+    feats = block.prior(x)
+    z = block.zdim
+    return torch.split(feats, [z, z, feats.shape[1] - 2 * z], dim=1)
+
+
+def _temperature_factor(t, like):
+    if t is None:
+        return None
+    if isinstance(t, (list, tuple)):
+        raise ValueError("DecBlock.sample_uncond takes one temperature per block; "
+                         "pass a list of temperatures to forward_uncond / forward_uncond_samples instead")
+    return torch.as_tensor(t, dtype=like.dtype, device=like.device)
+
+
+def build(variant, modules):
+    """The patches for ``variant`` on the imported upstream ``modules`` (dict name -> module)."""
+    vae_helpers, vae = modules["vae_helpers"], modules["vae"]
+    posterior = variant.posterior or UPSTREAM_SCALE
+    prior = variant.prior or UPSTREAM_SCALE
+    if variant.decoder is not None:
+        warnings.warn(f"variant {variant.name!r} sets a decoder scale ({variant.decoder}), but openai/vdvae's "
+                      "pixels are a discretized mixture of logistics, not a Normal: the decoder scale is ignored",
+                      stacklevel=3)
+    if variant.ou is not None:
+        raise NotImplementedError(f"variant {variant.name!r} asks for OU smoothing (ou={variant.ou.spec}); "
+                                  "OU smoothing of the VDVAE prior is not implemented yet (issue 7)")
+
+    def sample(self, x, acts):
+        """Posterior draw and stable KL for one block (replaces DecBlock.sample)."""
+        qm, qv = self.enc(torch.cat([x, acts], dim=1)).chunk(2, dim=1)
+        pm, pv, residual = _split_prior(self, x)
+        q_scale, q_log_scale = posterior(qv)
+        _, p_log_scale = prior(pv)
+        z = gaussian.rsample(qm, q_scale)
+        return z, x + residual, gaussian.kl(qm, q_log_scale, pm, p_log_scale)
+
+    def sample_uncond(self, x, t=None, lvs=None):
+        """Prior draw with temperature multiplying sigma (replaces DecBlock.sample_uncond)."""
+        pm, pv, residual = _split_prior(self, x)
+        if lvs is not None:
+            return lvs, x + residual
+        p_scale, _ = prior(pv)
+        factor = _temperature_factor(t, p_scale)
+        if factor is not None:
+            p_scale = p_scale * factor
+        return gaussian.rsample(pm, p_scale), x + residual
+
+    def gaussian_analytical_kl(mu1, mu2, raw1, raw2):
+        """KL(q || p) with raw1 read as the posterior's raw scale and raw2 as the prior's."""
+        return gaussian.kl(mu1, posterior(raw1)[1], mu2, prior(raw2)[1])
+
+    def draw_gaussian_diag_samples(mu, raw):
+        """A draw from N(mu, sigma(raw)), raw read as a posterior raw scale."""
+        return gaussian.rsample(mu, posterior(raw)[0])
+
+    fp = lambda owner, attr: FINGERPRINTS[(owner, attr)]  # noqa: E731
+    return [
+        Patch(vae.DecBlock, "sample", sample, fp("vae.DecBlock", "sample")),
+        Patch(vae.DecBlock, "sample_uncond", sample_uncond, fp("vae.DecBlock", "sample_uncond")),
+        Patch(vae_helpers, "gaussian_analytical_kl", gaussian_analytical_kl, fp("vae_helpers", "gaussian_analytical_kl")),
+        Patch(vae_helpers, "draw_gaussian_diag_samples", draw_gaussian_diag_samples, fp("vae_helpers", "draw_gaussian_diag_samples")),
+        # vae.py imported both by value: its own names must be replaced too (fingerprinted above).
+        Patch(vae, "gaussian_analytical_kl", gaussian_analytical_kl),
+        Patch(vae, "draw_gaussian_diag_samples", draw_gaussian_diag_samples),
+    ]
