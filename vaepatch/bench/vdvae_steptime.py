@@ -56,7 +56,7 @@ def _step(model, optimizer, x):
     return time.perf_counter() - t0
 
 
-def measure(variant="upbounded1", steps=30, warmup=5, threads=None, seed=0):
+def measure(variant="upbounded1", steps=30, warmup=5, threads=None, seed=0, fuse=False):
     """Median step seconds for vanilla and the variant, interleaved, and their ratio."""
     import vaepatch
     from vaepatch import upstream
@@ -79,14 +79,18 @@ def measure(variant="upbounded1", steps=30, warmup=5, threads=None, seed=0):
     times = {name: [] for name in models}
     from tqdm import tqdm
 
-    for i in tqdm(range(warmup + steps), desc=f"vanilla vs {variant}", unit="pair"):
-        for name, (m, opt) in models.items():
-            with vaepatch.patched(name, target="vdvae"):
+    patchset = vaepatch.apply(variant, target="vdvae", fuse=fuse).patchset  # built once, toggled per step
+    try:
+        for i in tqdm(range(warmup + steps), desc=f"vanilla vs {variant}{' (fused)' if fuse else ''}", unit="pair"):
+            for name, (m, opt) in models.items():
+                patchset.revert() if name == "vanilla" else patchset.apply()
                 dt = _step(m, opt, x)
-            if i >= warmup:
-                times[name].append(dt)
+                if i >= warmup:
+                    times[name].append(dt)
+    finally:
+        vaepatch.revert("vdvae")
     med = {name: statistics.median(ts) for name, ts in times.items()}
-    return {"variant": variant, "vanilla_s": med["vanilla"], "patched_s": med[variant],
+    return {"variant": variant, "fuse": fuse, "vanilla_s": med["vanilla"], "patched_s": med[variant],
             "ratio": med[variant] / med["vanilla"], "steps": steps, "threads": torch.get_num_threads()}
 
 
@@ -96,9 +100,14 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--fuse", choices=["off", "on", "both"], default="both",
+                        help="time the eager patch, the torch.compile-fused one, or both (default)")
     args = parser.parse_args(argv)
-    rows = [measure(v.strip(), args.steps, args.warmup, args.threads) for v in args.variants.split(",") if v.strip()]
-    print(f"{'variant':18} {'vanilla ms':>11} {'patched ms':>11} {'ratio':>7}   (median of {args.steps} interleaved steps, {rows[0]['threads']} threads)")
+    modes = {"off": [False], "on": [True], "both": [False, True]}[args.fuse]
+    rows = [measure(v.strip(), args.steps, args.warmup, args.threads, fuse=f)
+            for v in args.variants.split(",") if v.strip() for f in modes]
+    print(f"{'variant':18} {'fused':6} {'vanilla ms':>11} {'patched ms':>11} {'ratio':>7}   "
+          f"(median of {args.steps} interleaved steps after {args.warmup} warm-up, {rows[0]['threads']} threads)")
     for r in rows:
-        print(f"{r['variant']:18} {1e3 * r['vanilla_s']:11.2f} {1e3 * r['patched_s']:11.2f} {r['ratio']:7.3f}")
+        print(f"{r['variant']:18} {('yes' if r['fuse'] else 'no'):6} {1e3 * r['vanilla_s']:11.2f} {1e3 * r['patched_s']:11.2f} {r['ratio']:7.3f}")
     return 0

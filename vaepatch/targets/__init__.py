@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import os
 import sys
 from dataclasses import dataclass, field
 
@@ -27,6 +28,7 @@ class Handle:
     variant: Variant
     location: str
     patchset: PatchSet = field(repr=False)
+    fuse: bool = False
 
     def revert(self):
         self.patchset.revert()
@@ -78,8 +80,15 @@ def _present(name):
         return True  # an explicit but broken location: let apply report it
 
 
-def apply(variant, target=None, upstream=None, strict=True):
+def _fuse_default():
+    return os.environ.get("VAEPATCH_FUSE", "0").strip().lower() in ("1", "true", "yes", "on")
+
+
+def apply(variant, target=None, upstream=None, strict=True, fuse=None):
     """Patch ``target`` (default: every supported upstream that is present) with ``variant``.
+
+    ``fuse=True`` (default: ``$VAEPATCH_FUSE``, off) compiles each block's elementwise math
+    with ``torch.compile``: a one-off compile (~25 s on CPU) for a faster step.
 
     Applying the variant already active is a no-op; another variant is swapped in after the
     old one is reverted.  Returns the Handle (or a list of them when target is None and more
@@ -94,23 +103,24 @@ def apply(variant, target=None, upstream=None, strict=True):
             "no supported upstream found to patch: none of "
             + ", ".join(f"{n} ({_upstream.default_dest(n)}, ${_upstream.pin(n).env})" for n in TARGETS)
             + " is present or imported.\nrun: vaepatch fetch vdvae   (or pass upstream=PATH and target=...)")
-    handles = [_apply_one(n, variant, upstream, strict) for n in names]
+    fuse = _fuse_default() if fuse is None else bool(fuse)
+    handles = [_apply_one(n, variant, upstream, strict, fuse) for n in names]
     return handles[0] if len(handles) == 1 else handles
 
 
-def _apply_one(name, variant, upstream, strict):
+def _apply_one(name, variant, upstream, strict, fuse):
     active = _active.get(name)
-    if active is not None and active.variant.spec == variant.spec and upstream is None:
+    if active is not None and active.variant.spec == variant.spec and active.fuse == fuse and upstream is None:
         return active
     modules, location = _import_upstream(name, upstream, strict)
     if active is not None:
         active.revert()
     target = _target_module(name)
-    patches = [] if variant.is_vanilla else target.build(variant, modules)
+    patches = [] if variant.is_vanilla else target.build(variant, modules, fuse=fuse)
     pinned = _upstream.pin(name).commit
     patchset = PatchSet(patches, label=f"{name} ({location}) with variant {variant.name!r}", pinned_commit=pinned)
     patchset.apply(strict=strict)
-    handle = Handle(name, variant, location, patchset)
+    handle = Handle(name, variant, location, patchset, fuse)
     _active[name] = handle
     return handle
 
@@ -129,10 +139,10 @@ def active():
 
 
 @contextlib.contextmanager
-def patched(variant, target=None, upstream=None, strict=True):
+def patched(variant, target=None, upstream=None, strict=True, fuse=None):
     """``with vaepatch.patched("upbounded1"): ...`` — apply on entry, restore on exit."""
     before = dict(_active)
-    handles = apply(variant, target, upstream, strict)
+    handles = apply(variant, target, upstream, strict, fuse)
     try:
         yield handles
     finally:

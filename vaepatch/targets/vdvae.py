@@ -54,8 +54,35 @@ def _temperature_factor(t, like):
     return torch.as_tensor(t, dtype=like.dtype, device=like.device)
 
 
-def build(variant, modules):
-    """The patches for ``variant`` on the imported upstream ``modules`` (dict name -> module)."""
+def fused(fn):
+    """``torch.compile(fn)``, falling back to ``fn`` (with a warning) if compiling fails.
+
+    The fallback matters: a missing C++ compiler or Triton must not kill a long run.
+    """
+    compiled = torch.compile(fn, dynamic=True)
+    state = {"impl": compiled}
+
+    def call(*args):
+        try:
+            return state["impl"](*args)
+        except Exception as err:  # noqa: BLE001 - any compile failure: run eager instead
+            if state["impl"] is fn:
+                raise
+            warnings.warn(f"vaepatch: torch.compile of the fused block math failed ({type(err).__name__}: {err}); "
+                          "running it eagerly (same numbers, slower)", stacklevel=2)
+            state["impl"] = fn
+            return fn(*args)
+
+    call.eager = fn
+    return call
+
+
+def build(variant, modules, fuse=False):
+    """The patches for ``variant`` on the imported upstream ``modules`` (dict name -> module).
+
+    ``fuse=True`` runs each block's elementwise math (both scales, the draw, the KL) as one
+    ``torch.compile``d function: fused kernels instead of ~25 separate passes over memory.
+    """
     vae_helpers, vae = modules["vae_helpers"], modules["vae"]
     posterior = variant.posterior or UPSTREAM_SCALE
     prior = variant.prior or UPSTREAM_SCALE
@@ -67,14 +94,20 @@ def build(variant, modules):
         raise NotImplementedError(f"variant {variant.name!r} asks for OU smoothing (ou={variant.ou.spec}); "
                                   "OU smoothing of the VDVAE prior is not implemented yet (issue 7)")
 
+    def draw_and_kl(qm, qv, pm, pv, eps):
+        """z ~ q and KL(q || p) from the raw head outputs: all of a block's elementwise math."""
+        q_scale, q_log_scale = posterior(qv)
+        _, p_log_scale = prior(pv)
+        return gaussian.rsample(qm, q_scale, eps), gaussian.kl(qm, q_log_scale, pm, p_log_scale)
+
+    block_math = fused(draw_and_kl) if fuse else draw_and_kl
+
     def sample(self, x, acts):
         """Posterior draw and stable KL for one block (replaces DecBlock.sample)."""
         qm, qv = self.enc(torch.cat([x, acts], dim=1)).chunk(2, dim=1)
         pm, pv, residual = _split_prior(self, x)
-        q_scale, q_log_scale = posterior(qv)
-        _, p_log_scale = prior(pv)
-        z = gaussian.rsample(qm, q_scale)
-        return z, x + residual, gaussian.kl(qm, q_log_scale, pm, p_log_scale)
+        z, kl = block_math(qm, qv, pm, pv, torch.randn_like(qm))
+        return z, x + residual, kl
 
     def sample_uncond(self, x, t=None, lvs=None):
         """Prior draw with temperature multiplying sigma (replaces DecBlock.sample_uncond)."""
