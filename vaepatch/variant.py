@@ -54,7 +54,7 @@ class OU:
 
     @property
     def spec(self) -> str:
-        return f"{self.rho:g}x{self.samples}"
+        return f"{float(self.rho)!r}x{self.samples}"  # repr: round-trips exactly (:g kept 6 digits)
 
     @classmethod
     def parse(cls, text) -> "OU":
@@ -158,7 +158,7 @@ def from_toml(path) -> Variant:
     try:
         data = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as err:
-        raise ValueError(f"variant file {str(path)!r} is not valid TOML: {err}") from None
+        raise ValueError(f"variant file {str(path)!r} is not valid TOML: {err}; accepted keys: {', '.join(_KEYS)}") from None
     return _from_mapping(path.stem, data, str(path))
 
 
@@ -205,7 +205,7 @@ def _parse_inline(text: str) -> Variant:
         if key not in SIDES + ("ou",):
             raise ValueError(f"unknown variant key {key!r} in {text!r}; accepted keys: {', '.join(SIDES + ('ou',))}")
         if key in seen:
-            raise ValueError(f"variant key {key!r} given twice in {text!r}")
+            raise ValueError(f"variant key {key!r} given twice in {text!r}; accepted keys, each at most once: {', '.join(SIDES + ('ou',))}")
         seen.add(key)
         data[key] = value.strip()
     variant = _from_mapping(text, data, f"variant {text!r}")
