@@ -19,16 +19,17 @@ ONE_BLOCK_PER_RESOLUTION = dict(
 
 
 def tiny_hparams(**overrides):
-    """Upstream's own hyperparameters (argparse defaults + the cifar10 set), made tiny."""
+    """Upstream's own hyperparameters for ``--hps cifar10``, made tiny, parsed by upstream's hps.py."""
     import hps  # from the clone on sys.path
 
+    settings = dict(width=32, zdim=8, n_batch=16, **ONE_BLOCK_PER_RESOLUTION)
+    settings.update(overrides)
+    argv = ["--hps", "cifar10"] + [f"--{k}={v}" for k, v in settings.items()]
     parser = argparse.ArgumentParser()
     hps.add_vae_arguments(parser)
     H = hps.Hyperparams()
-    H.update(vars(parser.parse_args([])))
-    H.update(hps.HPARAMS_REGISTRY["cifar10"])
-    H.update(dict(width=32, zdim=8, n_batch=16, image_size=32, image_channels=3, **ONE_BLOCK_PER_RESOLUTION))
-    H.update(overrides)
+    hps.parse_args_and_update_hparams(H, parser, s=argv)
+    H.update(image_size=32, image_channels=3)  # set by upstream's data setup, not by its arguments
     return H
 
 
