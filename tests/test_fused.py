@@ -1,5 +1,4 @@
 """The torch.compile-fused block math (apply(..., fuse=True)) keeps the numerics of the eager form."""
-import pytest
 import torch
 
 from vaepatch import gaussian, scales

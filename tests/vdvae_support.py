@@ -1,9 +1,5 @@
-"""Shared by the VDVAE tests and `vaepatch bench step-time`: a tiny VDVAE built from a real clone."""
+"""Shared by the VDVAE tests: find a usable openai/vdvae clone, or skip saying why and how to get one."""
 from __future__ import annotations
-
-import argparse
-import os
-import sys
 
 import pytest
 

@@ -60,32 +60,26 @@ def _step(model, optimizer, x):
 def measure(variant="upbounded1", steps=30, warmup=5, threads=None, seed=0, fuse=False):
     """Median step seconds for vanilla and the variant, interleaved, and their ratio."""
     import vaepatch
-    from vaepatch import upstream
+    from tqdm import tqdm
 
     if threads:
         torch.set_num_threads(threads)
-    path = upstream.locate("vdvae")
-    if path is None:
-        raise upstream.UpstreamError("no openai/vdvae clone for the step-time bench.\nrun: vaepatch fetch vdvae")
-    upstream.add_to_path(upstream.verify(path, "vdvae"))
     vaepatch.revert("vdvae")
-    H, model = tiny_vae(seed)
-    state = {k: v.clone() for k, v in model.state_dict().items()}
-    x, _ = cifar_like_batch(H.n_batch, seed)
-    models = {}
-    for name in ("vanilla", variant):
-        _, m = tiny_vae(seed)
-        m.load_state_dict(state)
-        models[name] = (m, torch.optim.SGD(m.parameters(), lr=1e-6))
-    times = {name: [] for name in models}
-    from tqdm import tqdm
-
-    patchset = vaepatch.apply(variant, target="vdvae", fuse=fuse).patchset  # built once, toggled per step
+    # apply locates, verifies and imports the clone (or says what to run); built once, toggled per step
+    patchset = vaepatch.apply(variant, target="vdvae", fuse=fuse).patchset
     try:
+        patchset.revert()
+        H, model = tiny_vae(seed)
+        x, _ = cifar_like_batch(H.n_batch, seed)
+        _, twin = tiny_vae(seed)  # not deepcopy: upstream's z_fn/final_fn lambdas would still point at `model`
+        twin.load_state_dict(model.state_dict())
+        models = {"vanilla": model, variant: twin}  # same weights, same batch
+        optimizers = {name: torch.optim.SGD(m.parameters(), lr=1e-6) for name, m in models.items()}
+        times = {name: [] for name in models}
         for i in tqdm(range(warmup + steps), desc=f"vanilla vs {variant}{' (fused)' if fuse else ''}", unit="pair"):
-            for name, (m, opt) in models.items():
+            for name, m in models.items():
                 patchset.revert() if name == "vanilla" else patchset.apply()
-                dt = _step(m, opt, x)
+                dt = _step(m, optimizers[name], x)
                 if i >= warmup:
                     times[name].append(dt)
     finally:

@@ -10,6 +10,7 @@ import contextlib
 import importlib
 import os
 import sys
+import warnings
 from dataclasses import dataclass, field
 
 from vaepatch import upstream as _upstream
@@ -58,8 +59,6 @@ def _import_upstream(name, upstream, strict):
     except _upstream.UpstreamError:
         if strict:
             raise
-        import warnings
-
         warnings.warn(f"{name} clone at {path} is not the pinned commit or has local edits; patching anyway (strict=False)", stacklevel=4)
     _upstream.add_to_path(path)
     modules = {m: importlib.import_module(m) for m in target.MODULES}
@@ -96,8 +95,6 @@ def apply(variant, target=None, upstream=None, strict=True, fuse=None):
     """
     variant = Variant.parse(variant)
     names = [target] if target is not None else [n for n in TARGETS if _present(n)]
-    if target is not None:
-        _target_module(target)
     if not names:
         raise _upstream.UpstreamError(
             "no supported upstream found to patch: none of "

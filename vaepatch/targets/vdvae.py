@@ -45,15 +45,6 @@ def _split_prior(block, x):
     return torch.split(feats, [z, z, feats.shape[1] - 2 * z], dim=1)
 
 
-def _temperature_factor(t, like):
-    if t is None:
-        return None
-    if isinstance(t, (list, tuple)):
-        raise ValueError("DecBlock.sample_uncond takes one temperature per block; "
-                         "pass a list of temperatures to forward_uncond / forward_uncond_samples instead")
-    return torch.as_tensor(t, dtype=like.dtype, device=like.device)
-
-
 def fused(fn):
     """``torch.compile(fn)``, falling back to ``fn`` (with a warning) if compiling fails.
 
@@ -73,7 +64,6 @@ def fused(fn):
             state["impl"] = fn
             return fn(*args)
 
-    call.eager = fn
     return call
 
 
@@ -115,9 +105,11 @@ def build(variant, modules, fuse=False):
         if lvs is not None:
             return lvs, x + residual
         p_scale, _ = prior(pv)
-        factor = _temperature_factor(t, p_scale)
-        if factor is not None:
-            p_scale = p_scale * factor
+        if isinstance(t, (list, tuple)):
+            raise ValueError("DecBlock.sample_uncond takes one temperature per block; "
+                             "pass a list of temperatures to forward_uncond / forward_uncond_samples instead")
+        if t is not None:
+            p_scale = p_scale * t
         return gaussian.rsample(pm, p_scale), x + residual
 
     def gaussian_analytical_kl(mu1, mu2, raw1, raw2):
