@@ -8,6 +8,10 @@ USAGE = """usage: vaepatch COMMAND [ARGS]
 commands:
   bench numerics   the paper's Table 1: where each KL implementation stops being finite
   bench vdvae-step-time  training-step time of the real openai/vdvae, patched / vanilla (needs a clone)
+  bench vdvae-stress  six variants x 3 seeds of the real openai/vdvae on CPU at a breaking lr (needs a clone)
+  compare DIR...   NaN steps and skipped updates per variant, from runs' events
+  run vdvae        upstream train.py with a variant applied, every step logged (mpiexec -n N for ranks)
+  make-data        a small CIFAR-10-format dataset from scikit-learn's bundled photos
   variants         list the built-in variants
   fetch            clone the pinned upstreams (vaepatch fetch vdvae|nvae|all [--source PATH]; --check)
 
@@ -26,7 +30,8 @@ def _variants(argv) -> int:
 
 
 def _bench(argv) -> int:
-    benches = {"numerics": "vaepatch.bench.numerics", "vdvae-step-time": "vaepatch.bench.vdvae_steptime"}
+    benches = {"numerics": "vaepatch.bench.numerics", "vdvae-step-time": "vaepatch.bench.vdvae_steptime",
+               "vdvae-stress": "vaepatch.bench.vdvae_stress"}
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in benches:
         known = ", ".join(benches)
         if argv and argv[0] not in ("-h", "--help"):
@@ -45,7 +50,25 @@ def _fetch(argv) -> int:
     return cli_fetch(argv)
 
 
-COMMANDS = {"bench": _bench, "variants": _variants, "fetch": _fetch}
+def _run(argv) -> int:
+    from vaepatch.launch import main as run_main
+
+    return run_main(argv)
+
+
+def _compare(argv) -> int:
+    from vaepatch.report import main as compare_main
+
+    return compare_main(argv)
+
+
+def _make_data(argv) -> int:
+    from vaepatch.cifar_format import main as make_main
+
+    return make_main(argv)
+
+
+COMMANDS = {"bench": _bench, "run": _run, "compare": _compare, "make-data": _make_data, "variants": _variants, "fetch": _fetch}
 
 
 def main(argv=None) -> int:

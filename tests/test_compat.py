@@ -1,0 +1,178 @@
+"""Each compat shim on its own: switched on only when needed, does its one job, restores exactly."""
+import sys
+import types
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+
+from vaepatch import compat
+
+
+def _shim(name):
+    return next(s for s in compat.VDVAE_SHIMS if s.name == name)
+
+
+def test_needed_on_this_machine_follows_the_checks():
+    cpu_names = {s.name for s in compat.needed(cpu=True)}
+    gpu_names = {s.name for s in compat.needed(cpu=False)}
+    assert {"cpu-cuda-calls", "cpu-set-device", "cpu-gloo", "cpu-ddp-device-ids"} <= cpu_names
+    assert not any(n.startswith("cpu-") for n in gpu_names)
+    assert ("apex-fusedadam" in gpu_names) == (not compat._importable("apex.optimizers"))
+    assert ("numpy-vstack-generator" in gpu_names) == (tuple(map(int, np.__version__.split(".")[:2])) >= (1, 24))
+
+
+def test_apex_stand_in_is_adamw_and_steps_identically():
+    undo = _shim("apex-fusedadam").install()
+    try:
+        from apex.optimizers import FusedAdam
+
+        torch.manual_seed(0)
+        a = torch.nn.Linear(5, 3)
+        b = torch.nn.Linear(5, 3)
+        b.load_state_dict(a.state_dict())
+        opt_a = FusedAdam(a.parameters(), weight_decay=0.01, lr=0.1, betas=(0.9, 0.9))
+        opt_b = torch.optim.AdamW(b.parameters(), weight_decay=0.01, lr=0.1, betas=(0.9, 0.9))
+        x = torch.randn(8, 5)
+        for _ in range(3):
+            for model, opt in ((a, opt_a), (b, opt_b)):
+                opt.zero_grad()
+                model(x).pow(2).sum().backward()
+                opt.step()
+        assert torch.equal(a.weight, b.weight) and torch.equal(a.bias, b.bias)
+        with pytest.raises(compat.CompatError, match="adam_w_mode"):
+            FusedAdam(a.parameters(), adam_w_mode=False)
+    finally:
+        undo()
+    assert "apex" not in sys.modules or not getattr(sys.modules["apex"], "__vaepatch_stand_in__", False)
+
+
+def test_torchvision_stand_in_imports_but_says_what_is_missing_when_used():
+    before = sys.modules.get("torchvision")
+    undo = _shim("torchvision-stub").install()
+    try:
+        from torchvision.datasets import ImageFolder
+        import torchvision.transforms as transforms
+
+        with pytest.raises(compat.CompatError, match=r"torchvision.*torch " + torch.__version__.split("+")[0]):
+            ImageFolder("x", transforms.ToTensor())
+    finally:
+        undo()
+    assert sys.modules.get("torchvision") is before
+
+
+def test_a_module_that_fails_to_import_counts_as_absent_and_is_cleaned_up(tmp_path, monkeypatch):
+    pkg = tmp_path / "brokenvision"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("from . import ops\n")
+    (pkg / "ops.py").write_text("raise RuntimeError('operator torchvision::nms does not exist')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert compat._importable("brokenvision") is False
+    assert not [m for m in sys.modules if m.startswith("brokenvision")]
+    assert compat._importable("json") is True
+
+
+def test_vstack_proxy_accepts_generators_and_is_numpy_otherwise():
+    proxy = compat._NumpyStackingIterables()
+    rows = [np.arange(3), np.arange(3, 6)]
+    assert np.array_equal(proxy.vstack(r for r in rows), np.vstack(rows))
+    assert np.array_equal(proxy.vstack(rows), np.vstack(rows))
+    assert proxy.asarray is np.asarray and proxy.float32 is np.float32
+    if compat._vstack_rejects_generators():
+        with pytest.raises(TypeError):
+            np.vstack(r for r in rows)  # the upstream line this shim exists for
+
+
+def test_vstack_shim_patches_only_the_upstream_data_module(monkeypatch):
+    data = types.ModuleType("data")
+    data.np = np
+    monkeypatch.setitem(sys.modules, "data", data)
+    undo = _shim("numpy-vstack-generator").install()
+    try:
+        assert isinstance(data.np, compat._NumpyStackingIterables)
+        assert data.np.vstack(r for r in ([1, 2], [3, 4])).shape == (2, 2)
+        assert sys.modules["numpy"] is np  # numpy itself is untouched
+    finally:
+        undo()
+    assert data.np is np
+
+
+def test_cuda_calls_become_no_ops_and_are_restored():
+    tensor_cuda, module_cuda = torch.Tensor.cuda, torch.nn.Module.cuda
+    undo = _shim("cpu-cuda-calls").install()
+    try:
+        x = torch.ones(3)
+        assert x.cuda(non_blocking=True) is x and x.cuda(0) is x
+        layer = torch.nn.Linear(2, 2)
+        assert layer.cuda(0) is layer and layer.weight.device.type == "cpu"
+    finally:
+        undo()
+    assert torch.Tensor.cuda is tensor_cuda and torch.nn.Module.cuda is module_cuda
+
+
+def test_set_device_is_a_no_op_and_restored():
+    original = torch.cuda.set_device
+    undo = _shim("cpu-set-device").install()
+    try:
+        assert torch.cuda.set_device(3) is None
+    finally:
+        undo()
+    assert torch.cuda.set_device is original
+
+
+def test_nccl_becomes_gloo(tmp_path):
+    original = dist.init_process_group
+    undo = _shim("cpu-gloo").install()
+    try:
+        dist.init_process_group(backend="nccl", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+        try:
+            assert dist.get_backend() == "gloo"
+            t = torch.ones(2)
+            dist.all_reduce(t)
+            assert torch.equal(t, torch.ones(2))
+        finally:
+            dist.destroy_process_group()
+    finally:
+        undo()
+    assert dist.init_process_group is original
+
+
+def test_ddp_shim_drops_device_ids_only(monkeypatch):
+    calls = []
+
+    def fake_ddp(module, *args, **kwargs):
+        calls.append((module, args, kwargs))
+        return module
+
+    helpers = types.ModuleType("train_helpers")
+    helpers.DistributedDataParallel = fake_ddp
+    monkeypatch.setitem(sys.modules, "train_helpers", helpers)
+    undo = _shim("cpu-ddp-device-ids").install()
+    try:
+        model = torch.nn.Linear(2, 2)
+        assert helpers.DistributedDataParallel(model, device_ids=[0], output_device=0, find_unused_parameters=True) is model
+        assert calls == [(model, (), {"find_unused_parameters": True})]
+    finally:
+        undo()
+    assert helpers.DistributedDataParallel is fake_ddp
+
+
+def test_install_is_all_or_nothing():
+    undone = []
+
+    def ok():
+        return lambda: undone.append("ok")
+
+    def broken():
+        raise RuntimeError("boom")
+
+    shims = [compat.Shim("ok", "", lambda cpu: True, ok), compat.Shim("broken", "", lambda cpu: True, broken)]
+    with pytest.raises(RuntimeError, match="boom"):
+        compat.install(shims)
+    assert undone == ["ok"]
+    done = compat.install(shims[:1])
+    assert done.names == ["ok"]
+    done.revert()
+    done.revert()  # idempotent
+    assert undone == ["ok", "ok"]

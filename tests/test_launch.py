@@ -1,0 +1,144 @@
+"""The launcher's own logic, without a clone: step recording, the __main__ guard, CLI errors, the report."""
+import json
+import math
+
+import pytest
+import torch
+
+from vaepatch import events, launch, report
+from vaepatch.cli import main as cli
+
+
+def _stats(elbo, grad_norm, skipped, distortion_nans=0, rate_nans=0):
+    return dict(elbo=elbo, grad_norm=grad_norm, skipped_updates=skipped,
+                distortion_nans=distortion_nans, rate_nans=rate_nans)
+
+
+def _recorded(tmp_path, steps, max_steps=None, local=None):
+    """Drive StepRecorder with fake upstream steps; ``local`` gives each rank-local loss."""
+    path = tmp_path / "events.jsonl"
+    with events.EventWriter(path, rank=0) as writer:
+        recorder = launch.StepRecorder(writer, max_steps)
+        for i, stats in enumerate(steps):
+            def fake_step(H, x, t, vae, ema, opt, iterate, stats=stats, i=i):
+                if local is not None:
+                    reduce = recorder.stats_over_ranks(lambda d: d)
+                    reduce({"elbo": torch.tensor(local[i], requires_grad=True)})
+                return stats
+            recorder.training_step(fake_step)(None, None, None, None, None, None, i)
+    return events.read(path).events
+
+
+def test_reasons_follow_vdvae_rule_with_inf_counted_as_nan(tmp_path):
+    got = _recorded(tmp_path, [
+        _stats(2.0, 10.0, 0),                                   # normal step
+        _stats(float("nan"), float("nan"), 1, distortion_nans=1),  # NaN loss: upstream's own NaN skip
+        _stats(float("inf"), float("inf"), 1),                  # inf loss: upstream skips only via grad norm
+        _stats(3.0, 500.0, 1),                                  # finite loss, grad norm over threshold
+        _stats(float("inf"), 1.0, 0),                           # skip_threshold -1: inf loss, not skipped
+    ])
+    assert [(e["skipped"], e["reason"], e["finite"]) for e in got] == [
+        (False, None, True), (True, "nan", False), (True, "nan", False), (True, "grad", True), (False, None, False)]
+    assert got[0]["loss"] == 2.0 and got[0]["grad_norm"] == 10.0
+    assert got[2]["loss"] is None and got[2]["grad_norm"] is None
+    assert all(e["time"] >= 0 for e in got)
+
+
+def test_local_loss_is_this_ranks_own_not_the_average(tmp_path):
+    # another rank's NaN makes the averaged loss NaN and the step skipped; this rank's loss was finite
+    got = _recorded(tmp_path, [_stats(float("nan"), 5.0, 1, distortion_nans=0.5)], local=[1.5])
+    assert got[0]["loss"] == 1.5 and got[0]["finite"] is True
+    assert got[0]["skipped"] is True and got[0]["reason"] == "nan"
+
+
+def test_max_steps_stops_before_running_the_step(tmp_path):
+    ran = []
+    with events.EventWriter(tmp_path / "e.jsonl") as writer:
+        step = launch.StepRecorder(writer, max_steps=2).training_step(
+            lambda *a: ran.append(a[-1]) or _stats(1.0, 1.0, 0))
+        step(*[None] * 6, 0)
+        step(*[None] * 6, 1)
+        with pytest.raises(launch.StopAtMaxSteps):
+            step(*[None] * 6, 2)
+    assert ran == [0, 1]
+
+
+def test_resumed_steps_are_not_logged_twice(tmp_path):
+    path = tmp_path / "events.jsonl"
+    with events.EventWriter(path) as writer:
+        recorder = launch.StepRecorder(writer)
+        for i in range(5):
+            recorder.training_step(lambda *a: _stats(1.0, 1.0, 0))(*[None] * 6, i)
+    with events.EventWriter(path) as writer:
+        recorder = launch.StepRecorder(writer)
+        for i in range(3, 8):  # a restore from the step-3 checkpoint re-runs 3 and 4
+            recorder.training_step(lambda *a: _stats(2.0, 1.0, 0))(*[None] * 6, i)
+        assert (recorder.logged, recorder.already_logged) == (3, 2)
+    log = events.read(path)
+    assert [e["step"] for e in log.events] == list(range(8)) and log.duplicates == 0
+
+
+def test_train_script_loads_without_its_guard_firing(tmp_path):
+    script = tmp_path / "train.py"
+    script.write_text("fired = []\ndef main():\n    fired.append(__name__)\n"
+                      "if __name__ == '__main__':\n    main()\n")
+    module = launch._load_train_module(script)
+    assert module.fired == [] and module.__name__ == "__main__" and module.__file__ == str(script)
+    module.main()
+    assert module.fired == ["__main__"]
+
+
+def test_cli_rejects_unknown_variant_and_stray_args(capsys):
+    assert cli(["run", "vdvae", "--variant", "upbounded7", "--out", "x"]) == 2
+    assert "unknown variant" in capsys.readouterr().err.lower()
+    with pytest.raises(SystemExit) as e:
+        cli(["run", "vdvae", "--variant", "vanilla", "--out", "x", "--hps", "cifar10"])
+    assert e.value.code == 2
+    assert "go after `--`" in capsys.readouterr().err
+
+
+def test_cli_names_a_missing_clone_and_the_fix(tmp_path, capsys):
+    assert cli(["run", "vdvae", "--variant", "vanilla", "--out", str(tmp_path / "r"),
+                "--upstream", str(tmp_path / "nowhere"), "--", "--hps", "cifar10"]) == 2
+    err = capsys.readouterr().err
+    assert "nowhere" in err and "vaepatch fetch vdvae" in err
+
+
+def _fake_run(root, name, variant, seed, rows, status="completed"):
+    run = root / name
+    run.mkdir(parents=True)
+    (run / "run.json").write_text(json.dumps({"variant": variant, "seed": seed, "status": status}))
+    with events.EventWriter(run / "events.jsonl") as w:
+        for step, (loss, skipped, reason) in enumerate(rows):
+            w.write(step, loss, 1.0, skipped, reason, 0.1)
+    return run
+
+
+def test_report_groups_by_variant_and_counts_from_events(tmp_path):
+    nan = float("nan")
+    _fake_run(tmp_path, "v0", "vanilla", 0, [(1.0, False, None), (nan, True, "nan"), (5.0, True, "grad")])
+    _fake_run(tmp_path, "v1", "vanilla", 1, [(1.0, False, None), (nan, True, "nan"), (nan, True, "nan")])
+    _fake_run(tmp_path, "u0", "upbounded1", 0, [(1.0, False, None), (2.0, False, None), (3.0, False, None)])
+    broken = tmp_path / "b0"
+    broken.mkdir()
+    (broken / "run.json").write_text("{not json")
+    runs = [report.load_run(p) for p in report.find_runs([tmp_path])]
+    by_variant = report.group(runs)
+    assert [r.counts.nan_steps for r in by_variant["vanilla"]] == [1, 2]
+    assert [r.counts.grad_skips for r in by_variant["vanilla"]] == [1, 0]
+    assert by_variant["upbounded1"][0].final_loss == 3.0
+    assert any("not readable JSON" in p for p in by_variant["? (b0)"][0].problems)
+    rows = {row[0]: row for row in report.rows(runs)}
+    assert rows["vanilla"][1:4] == ["2", f"1.5 ± {math.sqrt(0.5):.2g}", f"0.5 ± {math.sqrt(0.5):.2g}"]
+    assert rows["upbounded1"][2] == "0"
+    text = report.table(runs)
+    assert text.splitlines()[0].startswith("| variant | runs | NaN steps")
+
+
+def test_report_flags_a_killed_run_and_a_truncated_line(tmp_path):
+    run = _fake_run(tmp_path, "k", "vanilla", 0, [(1.0, False, None)], status="running")
+    with open(run / "events.jsonl", "a") as f:
+        f.write('{"step": 1, "rank": 0, "lo')
+    loaded = report.load_run(run)
+    assert "killed" in loaded.status
+    assert loaded.counts.steps == 1 and any("line 2" in p for p in loaded.problems)
