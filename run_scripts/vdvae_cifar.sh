@@ -15,7 +15,7 @@
 # LAUNCH overrides how ranks start (default: mpiexec -n GPUS), e.g. LAUNCH="srun" under Slurm.
 set -euo pipefail
 
-usage() { sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; echo
+usage() { sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; echo
   echo "options: --variants A,B --seeds 0,1,2 --gpus N --epochs E --data DIR --out DIR"
   echo "         --upstream PATH --port BASE --smoke   [-- train.py args]"; }
 
@@ -89,6 +89,10 @@ for variant in "${variant_list[@]}"; do
       echo "== $name: resuming from $ckpt"
       RESTORE=(--restore_path "$ckpt-model.th" --restore_ema_path "$ckpt-model-ema.th"
                --restore_optimizer_path "$ckpt-opt.th" --restore_log_path "$ckpt-log.jsonl")
+    elif [ -e "$run" ]; then
+      aside="$run.interrupted-$(date +%Y%m%d-%H%M%S)"
+      echo "== $name: an earlier attempt stopped before its first checkpoint; kept as $aside, starting over"
+      mv "$run" "$aside"
     fi
     echo "== $name: ${LAUNCHER[*]:-} vaepatch run vdvae --variant $variant --out $run"
     "${LAUNCHER[@]}" "$PYTHON" -m vaepatch run vdvae --variant "$variant" --out "$run" "${RUN_OPTS[@]}" -- \

@@ -240,13 +240,13 @@ def test_garbage_lines_in_the_middle_reported(tmp_path):
     assert "reason" in log.problems[5]
 
 
-def test_duplicates_counted_first_kept(tmp_path):
+def test_duplicates_counted_later_record_wins(tmp_path):
     path = tmp_path / "events.jsonl"
     rows = [_ok(1, loss=1.0), _ok(0, loss=0.5), _ok(1, loss=7.0), _ok(1, rank=1, loss=2.0), _ok(1, loss=8.0)]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     log = read(path)
     assert log.duplicates == 2 and log.problems == []
-    assert [(e["step"], e["rank"], e["loss"]) for e in log.events] == [(0, 0, 0.5), (1, 0, 1.0), (1, 1, 2.0)]
+    assert [(e["step"], e["rank"], e["loss"]) for e in log.events] == [(0, 0, 0.5), (1, 0, 8.0), (1, 1, 2.0)]
 
 
 def test_missing_file_error(tmp_path):

@@ -119,6 +119,8 @@ def test_restart_from_checkpoint_appends_without_duplicates(tmp_path, data):
     out = tmp_path / "resume"
     first = _run(out, data, max_steps=13, extra=["--iters_per_save", "10"])
     assert first.returncode == 0, first.stderr[-3000:]
+    fresh = _run(out, data, max_steps=20)  # no restore flags: would mix two trajectories
+    assert fresh.returncode == 2 and "mix" in fresh.stderr and "--restore" in fresh.stderr
     ckpt = out / "vdvae" / "t" / "latest"
     restore = ["--iters_per_save", "10", "--restore_path", f"{ckpt}-model.th", "--restore_ema_path",
                f"{ckpt}-model-ema.th", "--restore_optimizer_path", f"{ckpt}-opt.th",

@@ -183,13 +183,10 @@ def read(path) -> EventLog:
             "(the run never reached its first step, or this is the wrong --out directory)"
         )
     records, problems, _ = _parse(path)
-    seen, events = set(), []
-    for r in records:
-        key = (r["step"], r["rank"])
-        if key not in seen:  # the first record of a step wins
-            seen.add(key)
-            events.append(r)
-    events.sort(key=lambda r: (r["step"], r["rank"]))
+    latest = {}
+    for r in records:  # a step logged twice (a log written by other tools on resume): the later record wins
+        latest[(r["step"], r["rank"])] = r
+    events = sorted(latest.values(), key=lambda r: (r["step"], r["rank"]))
     return EventLog(path, events, problems, len(records) - len(events))
 
 

@@ -197,15 +197,21 @@ def run_vdvae(variant: str, out: str | os.PathLike, train_args: list[str], *, up
                           f"{previous.get('variant')!r} to continue that run")
     comm.Barrier()  # every rank has checked the old manifest before rank 0 rewrites it
 
-    shims = compat.install(compat.needed(cpu))
-    handle = None
-    saved_argv, saved_main = sys.argv, sys.modules.get("__main__")
     writer = EventWriter(out / "events.jsonl", rank=rank)
     manifest = previous or {
         "target": "vdvae", "variant": str(variant), "variant_spec": resolved.spec,
         "upstream_commit": upstream.pin("vdvae").commit, "vaepatch_version": vaepatch.__version__,
         "seed": H.seed, "argv": list(train_args), "host": socket.gethostname(), "started": _now(),
+        "loss_unit": "nats/dim",  # VDVAE's elbo is per pixel channel; report.py turns it into bits/dim
     }
+    if writer.resumed_from is not None and not H.restore_path:
+        writer.close()
+        raise LaunchError(f"{out / 'events.jsonl'} already has steps up to {writer.resumed_from} from an earlier "
+                          "attempt, and this one starts from scratch (no --restore_path): its steps would mix "
+                          "two trajectories. Continue with VDVAE's --restore_* flags, or use a new --out.")
+    shims = compat.install(compat.needed(cpu))
+    handle = None
+    saved_argv, saved_main = sys.argv, sys.modules.get("__main__")
     session = {"started": _now(), "argv": list(train_args), "resumed_after_step": writer.resumed_from}
     manifest.update(
         world_size=world, device="cpu" if cpu else "cuda", fuse=bool(fuse) if fuse is not None else None,
