@@ -1,11 +1,8 @@
 """The launcher's own logic, without a clone: step recording, the __main__ guard, CLI errors, the report."""
-import json
-import math
-
 import pytest
 import torch
 
-from vaepatch import events, launch, report
+from vaepatch import events, launch
 from vaepatch.cli import main as cli
 
 
@@ -102,43 +99,3 @@ def test_cli_names_a_missing_clone_and_the_fix(tmp_path, capsys):
                 "--upstream", str(tmp_path / "nowhere"), "--", "--hps", "cifar10"]) == 2
     err = capsys.readouterr().err
     assert "nowhere" in err and "vaepatch fetch vdvae" in err
-
-
-def _fake_run(root, name, variant, seed, rows, status="completed"):
-    run = root / name
-    run.mkdir(parents=True)
-    (run / "run.json").write_text(json.dumps({"variant": variant, "seed": seed, "status": status}))
-    with events.EventWriter(run / "events.jsonl") as w:
-        for step, (loss, skipped, reason) in enumerate(rows):
-            w.write(step, loss, 1.0, skipped, reason, 0.1)
-    return run
-
-
-def test_report_groups_by_variant_and_counts_from_events(tmp_path):
-    nan = float("nan")
-    _fake_run(tmp_path, "v0", "vanilla", 0, [(1.0, False, None), (nan, True, "nan"), (5.0, True, "grad")])
-    _fake_run(tmp_path, "v1", "vanilla", 1, [(1.0, False, None), (nan, True, "nan"), (nan, True, "nan")])
-    _fake_run(tmp_path, "u0", "upbounded1", 0, [(1.0, False, None), (2.0, False, None), (3.0, False, None)])
-    broken = tmp_path / "b0"
-    broken.mkdir()
-    (broken / "run.json").write_text("{not json")
-    runs = [report.load_run(p) for p in report.find_runs([tmp_path])]
-    by_variant = report.group(runs)
-    assert [r.counts.nan_steps for r in by_variant["vanilla"]] == [1, 2]
-    assert [r.counts.grad_skips for r in by_variant["vanilla"]] == [1, 0]
-    assert by_variant["upbounded1"][0].final_loss == 3.0
-    assert any("not readable JSON" in p for p in by_variant["? (b0)"][0].problems)
-    rows = {row[0]: row for row in report.rows(runs)}
-    assert rows["vanilla"][1:4] == ["2", f"1.5 ± {math.sqrt(0.5):.2g}", f"0.5 ± {math.sqrt(0.5):.2g}"]
-    assert rows["upbounded1"][2] == "0"
-    text = report.table(runs)
-    assert text.splitlines()[0].startswith("| variant | runs | NaN steps")
-
-
-def test_report_flags_a_killed_run_and_a_truncated_line(tmp_path):
-    run = _fake_run(tmp_path, "k", "vanilla", 0, [(1.0, False, None)], status="running")
-    with open(run / "events.jsonl", "a") as f:
-        f.write('{"step": 1, "rank": 0, "lo')
-    loaded = report.load_run(run)
-    assert "killed" in loaded.status
-    assert loaded.counts.steps == 1 and any("line 2" in p for p in loaded.problems)

@@ -1,11 +1,15 @@
 """`vaepatch compare`: runs grouped by variant, counted from their exact per-step events.
 
-Reads only ``run.json`` and ``events.jsonl`` of each run directory. A run whose files are
-missing, unreadable or truncated is still listed, with what is wrong; it never crashes the
+Reads only what runs left on disk: each run directory's ``run.json`` and ``events.jsonl``
+(written by ``vaepatch run`` and ``vaepatch demo``), the upstream's own eval records for the
+eval loss, and — for VDVAE runs made without the launcher — VDVAE's ``log.jsonl``. A missing,
+unreadable or truncated file is listed under ``problems`` with the reason; it never crashes the
 report and is never silently dropped.
 """
 from __future__ import annotations
 
+import csv
+import io
 import json
 import math
 import statistics
@@ -15,122 +19,330 @@ from pathlib import Path
 
 from vaepatch import events as _events
 
-__all__ = ["Run", "load_run", "find_runs", "group", "table", "main"]
+__all__ = ["Run", "load_run", "find_runs", "summarize", "render", "plot", "main"]
 
 FINAL_FRACTION = 0.1  # "final loss": mean finite loss over the last 10% of logged steps
+VDVAE_LOG = "log.jsonl"
+VDVAE_WINDOW_NOTE = (
+    "counted from VDVAE's own train_loss records: their skipped_updates/nan fields are sums over the "
+    "last iters_per_print steps, and the windows overlap (extra records at early steps and at each save). "
+    "Only records at multiples of iters_per_print (with an lr field) are used, which tile the steps "
+    "without overlap; steps after the last such record are not covered; NaN counts are exact for one "
+    "rank only (upstream averages the per-rank NaN flags). Use `vaepatch run vdvae` for exact counts.")
 
 
 @dataclass
 class Run:
-    """One run directory: its manifest, its counts, and anything wrong with it."""
+    """One run: its identity, per-step curve, counts, eval losses, and anything wrong with it."""
 
     path: Path
     variant: str
+    spec: str = ""
     seed: object = None
     status: str = "unknown"
+    source: str = "events"  # or "vdvae-log"
     counts: _events.Counts = field(default_factory=_events.Counts)
     final_loss: float | None = None
+    eval_final: float | None = None
+    eval_best: float | None = None
+    loss_unit: str | None = None
+    curve: list = field(default_factory=list, repr=False)  # (step, loss or None, skipped) per step
     problems: list[str] = field(default_factory=list)
 
+    @property
+    def bits_per_dim(self) -> float | None:
+        """Final eval loss in bits/dim, when the run says its loss is in nats per dimension."""
+        if self.eval_final is None or self.loss_unit != "nats/dim":
+            return None
+        return self.eval_final / math.log(2)
 
-def _final_loss(events: list[dict]) -> float | None:
-    steps = sorted({e["step"] for e in events})
-    if not steps:
+
+def _final_loss(curve) -> float | None:
+    if not curve:
         return None
-    tail = set(steps[-max(1, math.ceil(len(steps) * FINAL_FRACTION)):])
-    losses = [e["loss"] for e in events if e["step"] in tail and e["loss"] is not None]
-    return sum(losses) / len(losses) if losses else None
+    tail = curve[-max(1, math.ceil(len(curve) * FINAL_FRACTION)):]
+    losses = [loss for _, loss, _ in tail if loss is not None]
+    return statistics.fmean(losses) if losses else None
+
+
+def _curve(events: list[dict]) -> list:
+    """One point per step: mean finite loss over ranks, and whether the update was skipped."""
+    by_step: dict[int, list[dict]] = {}
+    for e in events:
+        by_step.setdefault(e["step"], []).append(e)
+    curve = []
+    for step in sorted(by_step):
+        losses = [e["loss"] for e in by_step[step] if e["loss"] is not None and e["finite"]]
+        curve.append((step, statistics.fmean(losses) if losses else None,
+                      any(e["skipped"] for e in by_step[step])))
+    return curve
+
+
+def _read_jsonl_lenient(path: Path, problems: list[str]) -> list[dict]:
+    """Records of a JSON-lines file written by someone else (NaN literals allowed); bad lines reported."""
+    records = []
+    try:
+        lines = path.read_text(errors="replace").split("\n")
+    except OSError as e:
+        problems.append(f"{path}: unreadable ({e})")
+        return records
+    for number, text in enumerate(lines, 1):
+        if not text.strip():
+            continue
+        try:
+            obj = json.loads(text)
+        except ValueError as e:
+            last = number == len(lines)
+            problems.append(f"{path} line {number}: {'truncated last line' if last else 'not JSON'} ({e})")
+            continue
+        if isinstance(obj, dict):
+            records.append(obj)
+        else:
+            problems.append(f"{path} line {number}: not a JSON object")
+    return records
+
+
+def _eval_losses(log: Path, run: Run) -> None:
+    if not log.is_file():
+        return
+    records = _read_jsonl_lenient(log, run.problems)
+    evals = [r["elbo"] for r in records if r.get("type") in ("eval_loss", "test_loss")
+             and isinstance(r.get("elbo"), (int, float))]
+    finite = [v for v in evals if math.isfinite(v)]
+    if evals:
+        run.eval_final = evals[-1] if math.isfinite(evals[-1]) else None
+        run.eval_best = min(finite) if finite else None
+
+
+def _from_vdvae_log(path: Path, run: Run) -> None:
+    """Fill counts from VDVAE's own log.jsonl (de-duplicated windows; see VDVAE_WINDOW_NOTE)."""
+    records = _read_jsonl_lenient(path / VDVAE_LOG, run.problems)
+    hparams = {r["key"]: r.get("value") for r in records if r.get("type") == "hparam" and "key" in r}
+    window = int(hparams.get("iters_per_print") or 1)
+    run.variant = run.spec = f"vdvae log ({hparams.get('desc', path.name)})"
+    run.seed, run.source, run.loss_unit = hparams.get("seed"), "vdvae-log", "nats/dim"
+    run.status = "VDVAE log (no launcher)"
+    windows = {}
+    for r in records:  # the later record of a step wins (a resumed run appends to the same log)
+        if r.get("type") == "train_loss" and "lr" in r and isinstance(r.get("step"), int) and r["step"] % window == 0:
+            windows[r["step"]] = r
+    if not windows:
+        run.problems.append(f"{path / VDVAE_LOG}: no train_loss records at multiples of iters_per_print={window}")
+        return
+    run.problems.append(VDVAE_WINDOW_NOTE)
+    steps = sorted(windows)
+    # per window: sum over its steps of (ranks with a NaN) / ranks — a step count for one rank
+    nan = sum(round(max(float(windows[s].get("distortion_nans", 0)), float(windows[s].get("rate_nans", 0))))
+              for s in steps)
+    skipped = sum(int(windows[s].get("skipped_updates", 0)) for s in steps)
+    run.counts = _events.Counts(steps=steps[-1] + 1, ranks=int(hparams.get("mpi_size") or 1), nan_steps=nan,
+                                grad_skips=max(skipped - nan, 0), skipped=skipped)
+    run.curve = [(s, float(windows[s]["elbo"]) if math.isfinite(float(windows[s].get("elbo", math.nan))) else None,
+                  bool(windows[s].get("skipped_updates"))) for s in steps]
+    run.final_loss = _final_loss(run.curve)
+    _eval_losses(path / VDVAE_LOG, run)
 
 
 def load_run(path) -> Run:
     """Read one run directory; problems are collected in ``Run.problems``, never raised."""
     path = Path(path)
     run = Run(path, variant=f"? ({path.name})")
+    if not (path / "run.json").exists() and not (path / _events.FILENAME).exists() and (path / VDVAE_LOG).exists():
+        _from_vdvae_log(path, run)
+        return run
+    manifest = {}
     try:
         manifest = json.loads((path / "run.json").read_text())
-        run.variant = manifest.get("variant", "?")
-        run.seed = manifest.get("seed")
-        run.status = manifest.get("status", "unknown")
-        if run.status == "running":
-            run.status = "running, or killed (no end recorded)"
+        if not isinstance(manifest, dict):
+            raise ValueError("not a JSON object")
     except FileNotFoundError:
-        run.problems.append(f"{path / 'run.json'}: missing (not a vaepatch run directory?)")
+        run.problems.append(f"{path / 'run.json'}: missing, so the variant is unknown")
     except ValueError as e:
         run.problems.append(f"{path / 'run.json'}: not readable JSON ({e})")
+        manifest = {}
+    run.variant = str(manifest.get("variant", run.variant))
+    run.spec = str(manifest.get("variant_spec", run.variant))
+    run.seed, run.loss_unit = manifest.get("seed"), manifest.get("loss_unit")
+    run.status = manifest.get("status", "unknown")
+    if run.status == "running":
+        run.status = "running, or killed (no end recorded)"
+    if manifest.get("upstream_logdir"):
+        _eval_losses(Path(manifest["upstream_logdir"]) / VDVAE_LOG, run)
     try:
         log = _events.read(path)
     except FileNotFoundError as e:
         run.problems.append(str(e))
         return run
-    run.problems.extend(log.problems)
+    run.problems.extend(f"{log.path.parent}/{p}" for p in log.problems)
     if log.duplicates:
-        run.problems.append(f"{log.path}: {log.duplicates} duplicate (step, rank) records ignored")
+        run.problems.append(f"{log.path}: {log.duplicates} records repeat a (step, rank); the later record was used")
+    if not log.events:
+        run.problems.append(f"{log.path}: no usable events")
     run.counts = _events.count(log.events)
-    run.final_loss = _final_loss(log.events)
+    run.curve = _curve(log.events)
+    run.final_loss = _final_loss(run.curve)
     return run
 
 
-def find_runs(paths) -> list[Path]:
-    """Run directories among ``paths``: each path itself if it holds run.json/events.jsonl, else its
-    sub-directories that do (one level), so ``vaepatch compare runs/`` works."""
-    found = []
-    for p in map(Path, paths):
-        if (p / "run.json").exists() or (p / _events.FILENAME).exists() or not p.is_dir():
+def _is_run_dir(p: Path) -> bool:
+    return (p / "run.json").exists() or (p / _events.FILENAME).exists() or (p / VDVAE_LOG).exists()
+
+
+def find_runs(paths, problems: list[str] | None = None) -> list[Path]:
+    """Run directories at or under ``paths`` (a run's own sub-folders, such as VDVAE's, are not
+    searched again). A path with no runs at all is recorded in ``problems``."""
+    problems = [] if problems is None else problems
+    found: list[Path] = []
+
+    def walk(p: Path) -> None:
+        if _is_run_dir(p):
             found.append(p)
-            continue
-        children = sorted(c for c in p.iterdir() if (c / "run.json").exists() or (c / _events.FILENAME).exists())
-        found.extend(children or [p])
+            return
+        for child in sorted(c for c in p.iterdir() if c.is_dir()):
+            walk(child)
+
+    for p in map(Path, paths):
+        before = len(found)
+        if not p.exists():
+            problems.append(f"{p}: does not exist")
+        elif not p.is_dir():
+            problems.append(f"{p}: not a directory (give run directories or folders of them)")
+        else:
+            walk(p)
+            if len(found) == before:
+                problems.append(f"{p}: no runs found (no run.json, events.jsonl or VDVAE log.jsonl under it)")
     return found
 
 
-def group(runs: list[Run]) -> dict[str, list[Run]]:
-    grouped: dict[str, list[Run]] = {}
-    for run in runs:
-        grouped.setdefault(run.variant, []).append(run)
-    return grouped
-
-
-def _mean_std(values) -> str:
+def _stat(values) -> dict:
     values = [v for v in values if v is not None]
     if not values:
-        return "-"
-    mean = statistics.fmean(values)
-    if len(values) == 1:
-        return f"{mean:.4g}"
-    return f"{mean:.4g} ± {statistics.stdev(values):.2g}"
+        return {"mean": None, "std": None, "n": 0}
+    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "n": len(values)}
 
 
-COLUMNS = ("variant", "runs", "NaN steps", "high-grad skips", "skipped updates", "first NaN step", "final loss")
-
-
-def rows(runs: list[Run]) -> list[list[str]]:
+def summarize(runs: list[Run]) -> list[dict]:
+    """One dict per variant (grouped by resolved spec, in first-seen order): the JSON contract."""
+    groups: dict[str, list[Run]] = {}
+    for run in runs:
+        groups.setdefault(run.spec or run.variant, []).append(run)
     out = []
-    for variant, members in group(runs).items():
-        c = [r.counts for r in members]
-        out.append([variant, str(len(members)),
-                    _mean_std([x.nan_steps for x in c]), _mean_std([x.grad_skips for x in c]),
-                    _mean_std([x.skipped for x in c]), _mean_std([x.first_nan_step for x in c]),
-                    _mean_std([r.final_loss for r in members])])
+    for members in groups.values():
+        counts = [r.counts for r in members]
+        out.append({
+            "variant": members[0].variant,
+            "variant_spec": members[0].spec,
+            "runs": len(members),
+            "steps": sum(c.steps for c in counts),
+            "nan_steps": _stat([c.nan_steps for c in counts]),
+            "grad_skips": _stat([c.grad_skips for c in counts]),
+            "amp_skips": _stat([c.amp_skips for c in counts]),
+            "skipped": _stat([c.skipped for c in counts]),
+            "first_nan_step": _stat([c.first_nan_step for c in counts]),
+            "final_loss": _stat([r.final_loss for r in members]),
+            "eval_loss": _stat([r.eval_final for r in members]),
+            "best_eval_loss": _stat([r.eval_best for r in members]),
+            "bits_per_dim": _stat([r.bits_per_dim for r in members]),
+            "seeds": [r.seed for r in members],
+            "status": sorted({r.status for r in members}),
+            "problems": [p for r in members for p in r.problems],
+        })
     return out
 
 
-def table(runs: list[Run]) -> str:
-    """Markdown table, mean ± std over the runs of each variant (the paper's Table 4 shape)."""
+def _cell(stat: dict, runs: int, digits: str = ".4g") -> str:
+    if stat["n"] == 0:
+        return "-"
+    text = f"{stat['mean']:{digits}}" if stat["n"] == 1 else f"{stat['mean']:{digits}} ± {stat['std']:.3g}"
+    return text if stat["n"] == runs else f"{text} ({stat['n']}/{runs} runs)"
+
+
+COLUMNS = ("variant", "runs", "steps", "NaN steps", "high-grad skips", "AMP skips", "first NaN step",
+           "final loss", "eval loss (final)", "eval loss (best)", "bits/dim")
+_KEYS = ("nan_steps", "grad_skips", "amp_skips", "first_nan_step", "final_loss", "eval_loss",
+         "best_eval_loss", "bits_per_dim")
+
+
+def rows(summary: list[dict]) -> list[list[str]]:
+    return [[s["variant"], str(s["runs"]), str(s["steps"])] + [_cell(s[k], s["runs"]) for k in _KEYS]
+            for s in summary]
+
+
+def render(summary: list[dict], fmt: str = "md") -> str:
+    """The per-variant table as markdown, CSV, or the JSON contract."""
+    if fmt == "json":
+        return json.dumps(summary, indent=2, default=str)
+    if fmt == "csv":
+        buffer = io.StringIO()
+        writer = csv.writer(buffer, lineterminator="\n")
+        writer.writerow(["variant", "variant_spec", "runs", "steps"]
+                        + [f"{k}_{part}" for k in _KEYS for part in ("mean", "std", "n")])
+        for s in summary:
+            writer.writerow([s["variant"], s["variant_spec"], s["runs"], s["steps"]]
+                            + ["" if s[k][part] is None else s[k][part] for k in _KEYS for part in ("mean", "std", "n")])
+        return buffer.getvalue().rstrip("\n")
+    if fmt != "md":
+        raise ValueError(f"unknown format {fmt!r}; use md, csv or json")
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(r) + " |" for r in rows(runs)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows(summary)]
     return "\n".join(lines)
+
+
+def plot(runs: list[Run], path) -> Path:
+    """The paper's Figure 2 shape: per variant (one colour), each seed's loss over finite steps and
+    its cumulative skipped updates, as thin lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_loss, ax_skip) = plt.subplots(1, 2, figsize=(11, 4))
+    colors: dict[str, str] = {}
+    for run in runs:
+        if not run.curve:
+            continue
+        key = run.spec or run.variant
+        first = key not in colors
+        color = colors.setdefault(key, f"C{len(colors) % 10}")
+        label = run.variant if first else None
+        finite = [(s, loss) for s, loss, _ in run.curve if loss is not None]
+        if finite:
+            ax_loss.plot(*zip(*finite), color=color, lw=0.7, alpha=0.8, label=label)
+        total, cumulative = 0, []
+        for _, _, skipped in run.curve:
+            total += skipped
+            cumulative.append(total)
+        ax_skip.plot([s for s, _, _ in run.curve], cumulative, color=color, lw=0.9, alpha=0.8, label=label)
+    ax_loss.set(xlabel="step", ylabel="loss (finite steps only)", title="training loss", yscale="log")
+    ax_skip.set(xlabel="step", ylabel="skipped updates so far", title="cumulative skipped updates")
+    if colors:
+        ax_skip.legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
 
 
 def main(argv=None) -> int:
     import argparse
 
-    parser = argparse.ArgumentParser(prog="vaepatch compare",
-                                     description="NaN steps and skipped updates per variant, from runs' events.jsonl")
-    parser.add_argument("runs", nargs="+", help="run directories (or folders of them)")
+    parser = argparse.ArgumentParser(
+        prog="vaepatch compare",
+        description="NaN steps and skipped updates per variant (mean ± std over runs), from each run's "
+                    "per-step events.jsonl; eval loss from the upstream's own log.")
+    parser.add_argument("runs", nargs="+", help="run directories, or folders holding them (searched recursively)")
+    parser.add_argument("--format", choices=("md", "csv", "json"), default="md")
+    parser.add_argument("--plot", metavar="FILE.png", help="loss curves and cumulative skipped updates per variant")
     args = parser.parse_args(argv)
-    runs = [load_run(p) for p in find_runs(args.runs)]
-    print(table(runs))
-    for run in runs:
-        for problem in run.problems:
-            print(f"warning: {run.path}: {problem}", file=sys.stderr)
-    return 0
+    problems: list[str] = []
+    runs = [load_run(p) for p in find_runs(args.runs, problems)]
+    summary = summarize(runs)
+    print(render(summary, args.format))
+    if args.plot:
+        print(f"figure: {plot(runs, args.plot)}", file=sys.stderr)
+    for problem in problems + [p for s in summary for p in s["problems"]]:
+        print(f"problem: {problem}", file=sys.stderr)
+    return 0 if runs else 1

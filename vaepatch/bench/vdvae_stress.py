@@ -35,6 +35,15 @@ def train_args(data: Path, run_dir: Path, name: str, seed: int, lr: float, port:
             "--iters_per_images", "1000000"]
 
 
+def free_port() -> int:
+    """A TCP port nobody listens on now: each run's process group needs its own."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def _one(job) -> tuple[str, int, float]:
     run_dir, command, log = job
     start = time.perf_counter()
@@ -60,7 +69,7 @@ def run_grid(out: Path, variant_names, seeds, steps: int, lr: float, jobs: int =
                    "--cpu", "--max-steps", str(steps)]
         if upstream:
             command += ["--upstream", str(upstream)]
-        command += ["--", *train_args(data, run_dir, name, seed, lr, port=29600 + i)]
+        command += ["--", *train_args(data, run_dir, name, seed, lr, port=free_port())]
         run_dir.mkdir(parents=True, exist_ok=True)
         todo.append((run_dir, command, run_dir / "stdout.txt"))
     failed = []
@@ -71,40 +80,6 @@ def run_grid(out: Path, variant_names, seeds, steps: int, lr: float, jobs: int =
     for message in failed:
         print("warning:", message, file=sys.stderr)
     return run_dirs
-
-
-def plot(runs: list[report.Run], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from vaepatch import events as _events
-
-    fig, (ax_loss, ax_skip) = plt.subplots(1, 2, figsize=(11, 4))
-    colors = {}
-    for run in runs:
-        try:
-            log = _events.read(run.path).events
-        except FileNotFoundError:
-            continue
-        color = colors.setdefault(run.variant, f"C{len(colors)}")
-        label = run.variant if sum(1 for r in runs if r.variant == run.variant and r.path < run.path) == 0 else None
-        steps = [e["step"] for e in log if e["rank"] == 0]
-        ax_loss.plot(steps, [e["loss"] if e["loss"] is not None else float("nan") for e in log if e["rank"] == 0],
-                     color=color, lw=0.8, alpha=0.7, label=label)
-        skipped, total = [], 0
-        for e in log:
-            if e["rank"] == 0:
-                total += e["skipped"]
-                skipped.append(total)
-        ax_skip.plot(steps, skipped, color=color, lw=1, alpha=0.7, label=label)
-    ax_loss.set(xlabel="step", ylabel="loss (nats/dim; gaps = non-finite)", yscale="log", title="training loss")
-    ax_skip.set(xlabel="step", ylabel="skipped updates so far", title="cumulative skipped updates")
-    ax_skip.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def main(argv=None) -> int:
@@ -127,17 +102,17 @@ def main(argv=None) -> int:
     else:
         run_dirs = run_grid(out, names, seeds, args.steps, args.lr, args.jobs, args.upstream)
     runs = [report.load_run(p) for p in run_dirs]
-    text = report.table(runs)
+    summary = report.summarize(runs)
+    text = report.render(summary, "md")
     print(f"\nopenai/vdvae, tiny config on CPU, lr {args.lr}, {args.steps} steps, seeds {args.seeds}:\n")
     print(text)
-    for run in runs:
-        for problem in run.problems:
-            print(f"warning: {run.path}: {problem}", file=sys.stderr)
+    for problem in (p for s in summary for p in s["problems"]):
+        print(f"problem: {problem}", file=sys.stderr)
     (out / "stress.md").write_text(text + "\n")
     (out / "stress.json").write_text(json.dumps(
         [{"run": str(r.path), "variant": r.variant, "seed": r.seed, "status": r.status,
           "final_loss": r.final_loss, "problems": r.problems, **vars(r.counts)} for r in runs], indent=2) + "\n")
-    plot(runs, out / "stress.png")
+    report.plot(runs, out / "stress.png")
     print(f"\ntable: {out / 'stress.md'}, per run: {out / 'stress.json'}, figure: {out / 'stress.png'} "
           f"({time.perf_counter() - started:.0f} s)")
     return 0

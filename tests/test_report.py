@@ -1,0 +1,169 @@
+"""`vaepatch compare` on crafted run directories: exact counts, every bad input reported, no crash."""
+import csv
+import io
+import json
+import math
+
+import pytest
+
+from vaepatch import events, report
+
+NAN = float("nan")
+
+
+def _run(root, name, variant, seed, rows, status="completed", spec=None, **manifest):
+    """A launcher-style run: rows are (loss, skipped, reason) for steps 0, 1, ..."""
+    run = root / name
+    run.mkdir(parents=True)
+    (run / "run.json").write_text(json.dumps(dict(variant=variant, variant_spec=spec or variant, seed=seed,
+                                                  status=status, **manifest)))
+    with events.EventWriter(run / "events.jsonl") as w:
+        for step, (loss, skipped, reason) in enumerate(rows):
+            w.write(step, loss, 1.0, skipped, reason, 0.1)
+    return run
+
+
+def _compare(capsys, *args):
+    code = report.main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_counts_mean_and_std_per_variant_from_events(tmp_path, capsys):
+    _run(tmp_path, "v0", "vanilla", 0, [(1.0, False, None), (NAN, True, "nan"), (5.0, True, "grad")])
+    _run(tmp_path, "v1", "vanilla", 1, [(1.0, False, None), (NAN, True, "nan"), (NAN, True, "nan"), (2.0, True, "amp")])
+    _run(tmp_path, "u0", "upbounded1", 0, [(1.0, False, None), (2.0, False, None), (3.0, False, None)])
+    code, out, _ = _compare(capsys, tmp_path, "--format", "json")
+    assert code == 0
+    by = {s["variant"]: s for s in json.loads(out)}
+    v = by["vanilla"]
+    assert (v["runs"], v["steps"]) == (2, 7)
+    assert v["nan_steps"] == {"mean": 1.5, "std": pytest.approx(math.sqrt(0.5)), "n": 2}
+    assert v["grad_skips"]["mean"] == 0.5 and v["amp_skips"]["mean"] == 0.5
+    assert v["first_nan_step"]["mean"] == 1
+    assert v["final_loss"] == {"mean": 3.5, "std": pytest.approx(math.sqrt(4.5)), "n": 2}  # last step of each
+    assert by["upbounded1"]["nan_steps"] == {"mean": 0.0, "std": 0.0, "n": 1}
+    assert set(v) >= {"variant", "runs", "steps", "nan_steps", "grad_skips", "amp_skips", "final_loss", "problems"}
+
+
+def test_markdown_and_csv_agree(tmp_path, capsys):
+    _run(tmp_path, "a", "vanilla", 0, [(1.0, False, None), (NAN, True, "nan")])
+    _run(tmp_path, "b", "explin", 0, [(1.0, False, None), (4.0, True, "grad")])
+    _, md, _ = _compare(capsys, tmp_path)
+    lines = md.splitlines()
+    assert lines[0].startswith("| variant | runs | steps | NaN steps | high-grad skips | AMP skips")
+    assert lines[2].startswith("| vanilla | 1 | 2 | 1 | 0 | 0 |")  # a variant with one run shows no ± part
+    assert lines[3].startswith("| explin | 1 | 2 | 0 | 1 | 0 |")
+    _, text, _ = _compare(capsys, tmp_path, "--format", "csv")
+    table = list(csv.DictReader(io.StringIO(text)))
+    assert [(r["variant"], r["nan_steps_mean"], r["grad_skips_mean"]) for r in table] == [
+        ("vanilla", "1.0", "0.0"), ("explin", "0.0", "1.0")]
+
+
+def test_one_step_logged_by_two_ranks_counts_once(tmp_path, capsys):
+    run = _run(tmp_path, "r", "vanilla", 0, [])
+    with events.EventWriter(run / "events.jsonl", rank=0) as r0, events.EventWriter(run / "events.jsonl", rank=1) as r1:
+        r0.write(0, 1.0, 1.0, False, None, 0.1)
+        r1.write(0, 1.2, 1.0, False, None, 0.1)
+        r0.write(1, 2.0, 1.0, True, "nan", 0.1)   # rank 1 finite but the step was skipped for rank 0's NaN
+        r1.write(1, NAN, 1.0, True, "nan", 0.1)
+    s = json.loads(_compare(capsys, tmp_path, "--format", "json")[1])[0]
+    assert s["steps"] == 2 and s["nan_steps"]["mean"] == 1
+
+
+def test_resumed_run_later_record_wins(tmp_path, capsys):
+    run = _run(tmp_path, "r", "vanilla", 0, [(1.0, False, None), (2.0, False, None)])
+    with open(run / "events.jsonl", "a") as f:  # a tool that re-logs step 1 after a restore
+        f.write(json.dumps(dict(step=1, rank=0, loss=None, finite=False, grad_norm=None, skipped=True,
+                                reason="nan", time=0.1)) + "\n")
+    s = json.loads(_compare(capsys, tmp_path, "--format", "json")[1])[0]
+    assert (s["steps"], s["nan_steps"]["mean"]) == (2, 1)
+    assert any("later record was used" in p for p in s["problems"])
+
+
+def test_every_bad_input_is_reported_never_dropped(tmp_path, capsys):
+    good = _run(tmp_path, "good", "vanilla", 0, [(1.0, False, None), (2.0, False, None)])
+    with open(good / "events.jsonl", "a") as f:
+        f.write("this is not json\n")
+        f.write('{"step": 5, "rank": 0, "loss": NaN, "finite": false, "grad_norm": 1.0, "skipped": true, '
+                '"reason": "nan", "time": 0.1}\n')
+        f.write('{"step": 6, "rank": 0, "lo')  # killed mid-line
+    no_events = tmp_path / "noevents"
+    no_events.mkdir()
+    (no_events / "run.json").write_text(json.dumps({"variant": "explin", "variant_spec": "explin", "status": "running"}))
+    broken_manifest = tmp_path / "brokenjson"
+    broken_manifest.mkdir()
+    (broken_manifest / "run.json").write_text("{not json")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    code, out, err = _compare(capsys, tmp_path, empty, tmp_path / "missing", "--format", "json")
+    assert code == 0
+    summary = {s["variant"]: s for s in json.loads(out)}
+    good_problems = summary["vanilla"]["problems"]
+    assert summary["vanilla"]["steps"] == 2  # the 3 bad lines are not counted...
+    assert len(good_problems) == 3  # ...and each one is named
+    assert any("line 3" in p and "not JSON" in p for p in good_problems)
+    assert any("line 4" in p for p in good_problems)  # the NaN literal: not strict JSON
+    assert any("line 5" in p and "truncated last line" in p for p in good_problems)
+    assert summary["explin"]["steps"] == 0 and "killed" in summary["explin"]["status"][0]
+    assert any("no events file" in p for p in summary["explin"]["problems"])
+    assert any("not readable JSON" in p for p in summary["? (brokenjson)"]["problems"])
+    assert f"{empty}: no runs found" in err and "missing: does not exist" in err
+
+
+def test_mixed_variants_in_one_directory_are_grouped_by_resolved_spec(tmp_path, capsys):
+    spec = "posterior=upbounded(1),prior=upbounded(1)"
+    _run(tmp_path / "grid", "a", "upbounded1", 0, [(1.0, False, None)], spec=spec)
+    _run(tmp_path / "grid", "b", spec, 1, [(1.0, False, None), (NAN, True, "nan")], spec=spec)
+    _run(tmp_path / "grid", "c", "vanilla", 0, [(1.0, False, None)])
+    summary = json.loads(_compare(capsys, tmp_path / "grid", "--format", "json")[1])
+    assert [(s["variant"], s["runs"], s["steps"]) for s in summary] == [("upbounded1", 2, 3), ("vanilla", 1, 1)]
+
+
+def test_nothing_found_exits_nonzero_with_a_reason(tmp_path, capsys):
+    code, out, err = _compare(capsys, tmp_path)
+    assert code == 1 and "no runs found" in err
+
+
+def _vdvae_log(path, records):
+    path.mkdir(parents=True)
+    with open(path / "log.jsonl", "w") as f:
+        for r in records:
+            f.write(json.dumps(r) + "\n")  # Python's json writes NaN literals, as VDVAE's logger does
+
+
+def test_vdvae_own_log_windows_are_deduplicated(tmp_path, capsys):
+    # iters_per_print 4: regular records at steps 0, 4, 8 (windows [0], [1..4], [5..8]); extra
+    # early-eval records at 1 and 8 and a save-time record (no lr) overlap them and must be ignored.
+    records = [{"type": "hparam", "key": "iters_per_print", "value": 4}, {"type": "hparam", "key": "desc", "value": "x"},
+               {"type": "hparam", "key": "seed", "value": 3},
+               {"type": "train_loss", "lr": 1e-4, "step": 0, "elbo": 6.0, "skipped_updates": 0, "distortion_nans": 0, "rate_nans": 0},
+               {"type": "train_loss", "lr": 1e-4, "step": 1, "elbo": 6.0, "skipped_updates": 1, "distortion_nans": 1, "rate_nans": 0},
+               {"type": "train_loss", "lr": 1e-4, "step": 4, "elbo": NAN, "skipped_updates": 3, "distortion_nans": 1, "rate_nans": 1},
+               {"type": "train_loss", "step": 8, "elbo": 5.0, "skipped_updates": 3, "distortion_nans": 0, "rate_nans": 0},
+               {"type": "train_loss", "lr": 1e-4, "step": 8, "elbo": 5.0, "skipped_updates": 2, "distortion_nans": 0, "rate_nans": 0},
+               {"type": "eval_loss", "step": 8, "elbo": 5.5}, {"type": "eval_loss", "step": 9, "elbo": 5.2}]
+    _vdvae_log(tmp_path / "x", records)
+    s = json.loads(_compare(capsys, tmp_path, "--format", "json")[1])[0]
+    assert s["variant"] == "vdvae log (x)" and s["seeds"] == [3]
+    assert s["steps"] == 9 and s["nan_steps"]["mean"] == 1 and s["grad_skips"]["mean"] == 4
+    assert s["skipped"]["mean"] == 5
+    assert s["eval_loss"]["mean"] == 5.2 and s["best_eval_loss"]["mean"] == 5.2
+    assert s["bits_per_dim"]["mean"] == pytest.approx(5.2 / math.log(2))
+    assert any("windows overlap" in p for p in s["problems"])
+
+
+def test_eval_loss_of_a_launcher_run_comes_from_the_upstream_log(tmp_path, capsys):
+    logdir = tmp_path / "vdvae" / "desc"
+    _vdvae_log(logdir, [{"type": "eval_loss", "elbo": 4.0}, {"type": "eval_loss", "elbo": NAN}])
+    _run(tmp_path / "runs", "r", "vanilla", 0, [(1.0, False, None)], upstream_logdir=str(logdir), loss_unit="nats/dim")
+    s = json.loads(_compare(capsys, tmp_path / "runs", "--format", "json")[1])[0]
+    assert s["eval_loss"]["n"] == 0 and s["best_eval_loss"]["mean"] == 4.0  # final eval was NaN
+
+
+def test_plot_writes_a_png(tmp_path, capsys):
+    _run(tmp_path / "runs", "a", "vanilla", 0, [(1.0, False, None), (NAN, True, "nan"), (2.0, True, "grad")])
+    _run(tmp_path / "runs", "b", "explin", 0, [(1.0, False, None), (0.5, False, None)])
+    png = tmp_path / "fig" / "cmp.png"
+    code, _, err = _compare(capsys, tmp_path / "runs", "--plot", png)
+    assert code == 0 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and str(png) in err
