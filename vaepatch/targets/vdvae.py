@@ -14,14 +14,25 @@ computes the KL as ``logsigma.exp() ** 2 / logsigma2.exp() ** 2``.  The patch re
 The pixel distribution (discretized mixture of logistics) is left alone.  A side the variant
 leaves to "upstream" uses ``exp`` (sigma = exp(raw), log sigma = raw exactly: upstream's own
 parameterization) with the stable KL.
+
+With ``ou`` set (Pervez & Gavves), ``vae.Decoder.forward`` is wrapped too, only to mark one
+decoder pass: inside it, each block's KL uses a prior whose mean and scale are averaged over K
+OU-correlated copies of the previous block's latent, pushed through the deterministic path
+between the two (the previous block's ``z_fn`` and ``resnet``, then this block's mixin upsampling
+if it has one, then its prior head). The first block, the data path (the real z and the prior's
+residual features), the posterior and the pixels are not smoothed; neither is anything run
+without gradients or in eval mode, so evaluation and sampling use the plain model.
 """
 from __future__ import annotations
 
+import math
+import threading
 import warnings
 
 import torch
+import torch.nn.functional as F
 
-from vaepatch import gaussian, scales
+from vaepatch import gaussian, ou, scales
 from vaepatch.patching import Patch
 
 NAME = "vdvae"
@@ -35,7 +46,9 @@ FINGERPRINTS = {
     ("vae.DecBlock", "sample_uncond"): "a690a1a7dac4b14b",
     ("vae_helpers", "gaussian_analytical_kl"): "57f0deab5b066994",
     ("vae_helpers", "draw_gaussian_diag_samples"): "4c39ce45cc084d9b",
+    ("vae.Decoder", "forward"): "c184cf1d2dbb6302",
 }
+_pass = threading.local()  # .previous: the last block's OU source within the current decoder pass
 
 
 def _split_prior(block, x):
@@ -43,6 +56,49 @@ def _split_prior(block, x):
     feats = block.prior(x)
     z = block.zdim
     return torch.split(feats, [z, z, feats.shape[1] - 2 * z], dim=1)
+
+
+class OUSource:
+    """What a block leaves for the next one: how to redo its output for another latent."""
+
+    def __init__(self, block, x, z, loc, scale):
+        self.block, self.x, self.z, self.loc, self.scale = block, x, z, loc, scale
+
+    def output(self, z):
+        """The block's output (what its forward writes to xs) for latent ``z`` (any batch multiple)."""
+        repeats = z.shape[0] // self.x.shape[0]
+        return self.block.resnet(self.x.repeat(repeats, 1, 1, 1) + self.block.z_fn(z))
+
+
+def _upsample(block, features, width):
+    return F.interpolate(features[:, :width], scale_factor=block.base // block.mixin)
+
+
+def smoothed_prior(block, x, source, ou_option, prior, eps=None):
+    """(mean, log scale) of ``block``'s prior averaged over K OU copies of the previous latent.
+
+    ``x`` is the block's real input. Returns None when the block's input does not depend on the
+    previous block (a new resolution without a mixin from it). The scale is averaged in
+    log space (log-mean-exp), so a tiny sigma never goes through log(exp(.)).
+    """
+    previous = source.block
+    if block.mixin is None and previous.base != block.base:
+        return None
+    if block.mixin is not None and block.mixin != previous.base:
+        return None
+    samples = ou_option.samples
+    copies = ou.correlated(source.z, source.loc, source.scale, ou_option.rho, samples, eps)
+    out = source.output(copies.flatten(0, 1))
+    if block.mixin is None:
+        x_in = out
+    else:  # x = (this resolution's own state) + upsampled previous output: swap only the latter
+        with torch.no_grad():
+            own = x - _upsample(block, source.output(source.z), x.shape[1])
+        x_in = own.repeat(samples, 1, 1, 1) + _upsample(block, out, x.shape[1])
+    pm, pv, _ = _split_prior(block, x_in)
+    _, log_scale = prior(pv)
+    unflatten = lambda t: t.reshape(samples, -1, *t.shape[1:])  # noqa: E731
+    return unflatten(pm).mean(0), torch.logsumexp(unflatten(log_scale), 0) - math.log(samples)
 
 
 def fused(fn):
@@ -80,9 +136,7 @@ def build(variant, modules, fuse=False):
         warnings.warn(f"variant {variant.name!r} sets a decoder scale ({variant.decoder}), but openai/vdvae's "
                       "pixels are a discretized mixture of logistics, not a Normal: the decoder scale is ignored",
                       stacklevel=3)
-    if variant.ou is not None:
-        raise NotImplementedError(f"variant {variant.name!r} asks for OU smoothing (ou={variant.ou.spec}); "
-                                  "OU smoothing of the VDVAE prior is not implemented yet (issue 7)")
+    smoothing = variant.ou if variant.ou is not None and variant.ou.rho < 1 else None
 
     def draw_and_kl(qm, qv, pm, pv, eps):
         """z ~ q and KL(q || p) from the raw head outputs: all of a block's elementwise math."""
@@ -96,8 +150,29 @@ def build(variant, modules, fuse=False):
         """Posterior draw and stable KL for one block (replaces DecBlock.sample)."""
         qm, qv = self.enc(torch.cat([x, acts], dim=1)).chunk(2, dim=1)
         pm, pv, residual = _split_prior(self, x)
-        z, kl = block_math(qm, qv, pm, pv, torch.randn_like(qm))
+        chain = getattr(_pass, "chain", None) if smoothing is not None else None
+        if chain is None or not (self.training and torch.is_grad_enabled()):
+            z, kl = block_math(qm, qv, pm, pv, torch.randn_like(qm))
+            return z, x + residual, kl
+        q_scale, q_log_scale = posterior(qv)
+        z = gaussian.rsample(qm, q_scale)
+        previous = chain.get("previous")
+        smoothed = smoothed_prior(self, x, previous, smoothing, prior) if previous is not None else None
+        p_mean, p_log_scale = smoothed if smoothed is not None else (pm, prior(pv)[1])
+        kl = gaussian.kl(qm, q_log_scale, p_mean, p_log_scale)
+        chain["previous"] = OUSource(self, x + residual, z, qm, q_scale)
         return z, x + residual, kl
+
+    def decoder_forward(self, *args, **kwargs):
+        """Upstream's Decoder.forward, marked as one pass so blocks can reach their predecessor."""
+        outer = getattr(_pass, "chain", None)
+        _pass.chain = {}
+        try:
+            return original_decoder_forward(self, *args, **kwargs)
+        finally:
+            _pass.chain = outer
+
+    original_decoder_forward = vae.Decoder.__dict__["forward"]
 
     def sample_uncond(self, x, t=None, lvs=None):
         """Prior draw with temperature multiplying sigma (replaces DecBlock.sample_uncond)."""
@@ -121,7 +196,8 @@ def build(variant, modules, fuse=False):
         return gaussian.rsample(mu, posterior(raw)[0])
 
     fp = lambda owner, attr: FINGERPRINTS[(owner, attr)]  # noqa: E731
-    return [
+    ou_patches = [Patch(vae.Decoder, "forward", decoder_forward, fp("vae.Decoder", "forward"))] if smoothing else []
+    return ou_patches + [
         Patch(vae.DecBlock, "sample", sample, fp("vae.DecBlock", "sample")),
         Patch(vae.DecBlock, "sample_uncond", sample_uncond, fp("vae.DecBlock", "sample_uncond")),
         Patch(vae_helpers, "gaussian_analytical_kl", gaussian_analytical_kl, fp("vae_helpers", "gaussian_analytical_kl")),
