@@ -6,9 +6,15 @@ import sys
 USAGE = """usage: vaepatch COMMAND [ARGS]
 
 commands:
+  demo             the stability reproduction in minutes on a CPU: 4 encoder scales x 5 seeds, table + figure
   bench numerics   the paper's Table 1: where each KL implementation stops being finite
   bench vdvae-step-time  training-step time of the real openai/vdvae, patched / vanilla (needs a clone)
   bench vdvae-stress  six variants x 3 seeds of the real openai/vdvae on CPU at a breaking lr (needs a clone)
+  bench overfit    Dehaene & Brossard Table 2 at CPU scale: conv VAE, encoder x decoder scales x LRs
+  bench decoder-variance  their Table 3 at CPU scale: MNIST MLP VAE, decoded scale parameterizations
+  bench ou-collapse  Pervez & Gavves Table 1 at CPU scale: MLP hierarchy, vanilla vs OU-smoothed prior
+  bench phase      their Figure 1: top-layer KL against rho, with the critical rho
+  bench ou-cost    step time and memory of OU smoothing (K = 5, 10) vs plain, beside the FLOP ratio
   compare DIR...   NaN steps and skipped updates per variant, from runs' events
   run vdvae        upstream train.py with a variant applied, every step logged (mpiexec -n N for ranks)
   make-data        a small CIFAR-10-format dataset from scikit-learn's bundled photos
@@ -31,7 +37,9 @@ def _variants(argv) -> int:
 
 def _bench(argv) -> int:
     benches = {"numerics": "vaepatch.bench.numerics", "vdvae-step-time": "vaepatch.bench.vdvae_steptime",
-               "vdvae-stress": "vaepatch.bench.vdvae_stress"}
+               "vdvae-stress": "vaepatch.bench.vdvae_stress", "overfit": "vaepatch.bench.overfit",
+               "decoder-variance": "vaepatch.bench.decoder_variance", "ou-collapse": "vaepatch.bench.ou_collapse",
+               "phase": "vaepatch.bench.ou_phase", "ou-cost": "vaepatch.bench.ou_cost"}
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in benches:
         known = ", ".join(benches)
         if argv and argv[0] not in ("-h", "--help"):
@@ -62,13 +70,19 @@ def _compare(argv) -> int:
     return compare_main(argv)
 
 
+def _demo(argv) -> int:
+    from vaepatch.demo import main as demo_main
+
+    return demo_main(argv)
+
+
 def _make_data(argv) -> int:
     from vaepatch.cifar_format import main as make_main
 
     return make_main(argv)
 
 
-COMMANDS = {"bench": _bench, "run": _run, "compare": _compare, "make-data": _make_data, "variants": _variants, "fetch": _fetch}
+COMMANDS = {"bench": _bench, "demo": _demo, "run": _run, "compare": _compare, "make-data": _make_data, "variants": _variants, "fetch": _fetch}
 
 
 def main(argv=None) -> int:
