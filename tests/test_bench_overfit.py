@@ -1,0 +1,114 @@
+"""`vaepatch bench overfit`: the paper's conv VAE, its failure rule, and the grid's three outputs."""
+import json
+import re
+
+import pytest
+import torch
+
+from vaepatch.bench import overfit
+
+
+def test_model_shapes_and_raw_pixel_data():
+    images = overfit.data()
+    assert images.shape == (10, 3, 32, 32) and images.dtype == torch.float32
+    assert images.min() >= 0 and images.max() <= 255 and images.max() > 1  # 0..255, not normalised
+    model = overfit.ConvVAE("explin", "bounded")
+    loc, raw = model.encode(images[:4])
+    assert loc.shape == raw.shape == (4, 100, 1, 1)
+    assert model.decoder(loc).shape == (4, 3, 32, 32)
+    assert model.raw_pixel_scale.shape == ()  # one learnable scalar for the whole image
+    assert model.decoder_scale.spec == "bounded(0.2886751345948129, 256)"
+    assert torch.isfinite(model.loss(images[:4]))
+
+
+def _trace(**kw):
+    seen = []
+    result = overfit.train_one(on_step=lambda step, loss, norm, reason, s: seen.append((step, loss, norm, reason)), **kw)
+    return result, seen
+
+
+def test_train_one_is_reproducible_from_its_seed():
+    kw = dict(encoder="exp", decoder="bounded", lr=0.008, steps=3, batch=16)
+    a, trace_a = _trace(seed=3, **kw)
+    b, trace_b = _trace(seed=3, **kw)
+    c, trace_c = _trace(seed=4, **kw)
+    assert [s for s, *_ in trace_a] == [0, 1, 2]
+    assert trace_a == trace_b and a.final_loss == b.final_loss
+    assert trace_a != trace_c  # the seed does change the run
+    assert not a.failed and a.reason is None and a.step_failed is None
+
+
+def _forced_small_scale(monkeypatch):
+    """Push the encoder's raw scale 200 below what the network outputs: sigma = exp(p) underflows to 0."""
+    encode = overfit.ConvVAE.encode
+
+    def forced(self, x):
+        loc, raw = encode(self, x)
+        return loc, raw - 200.0
+
+    monkeypatch.setattr(overfit.ConvVAE, "encode", forced)
+
+
+def test_naive_exp_fails_where_exact_log_does_not(monkeypatch):
+    _forced_small_scale(monkeypatch)
+    kw = dict(decoder="bounded", lr=0.006, seed=0, steps=3, batch=8)
+    naive, naive_trace = _trace(encoder="naive_exp", **kw)
+    assert naive.failed and naive.reason == "nan_loss" and naive.step_failed == 0
+    assert len(naive_trace) == 1 and naive_trace[0][3] == "nan_loss"  # the run stops at the failing step
+    for encoder in ("exp", "explin"):  # same raw values, log sigma exact: KL is large but finite
+        healthy, trace = _trace(encoder=encoder, **kw)
+        assert not healthy.failed and len(trace) == 3 and all(r is None for *_, r in trace)
+        assert healthy.final_loss < overfit.DIVERGED
+
+
+def test_final_loss_over_threshold_is_divergence():
+    # an exp decoder starts at sigma = 1 on 0..255: after 2 steps the loss is still ~3e7 (> 1e6)
+    result = overfit.train_one("explin", "exp", 0.006, seed=0, steps=2, batch=8)
+    assert result.failed and result.reason == "diverged" and result.step_failed is None
+    assert result.final_loss > overfit.DIVERGED
+
+
+def _md_cells(text):
+    cells, lr = {}, None
+    for line in text.splitlines():
+        m = re.match(r"\*\*lr ([0-9.e-]+)\*\*", line)
+        if m:
+            lr, header = float(m.group(1)), None
+        elif line.startswith("| ") and lr is not None:
+            parts = [p.strip() for p in line.strip("|").split("|")]
+            if header is None:
+                header = parts[1:]
+            else:
+                cells.update({(lr, parts[0], d): tuple(map(int, v.split("/"))) for d, v in zip(header, parts[1:])})
+    return cells
+
+
+def test_quick_grid_outputs_agree(tmp_path, capsys):
+    out = tmp_path / "grid"
+    assert overfit.main(["--quick", "--steps", "3", "--seeds", "1", "--lrs", "0.006", "--encoders", "exp,explin",
+                         "--decoders", "bounded,exp", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    report = json.loads((out / "overfit.json").read_text())
+    runs = report["runs"]
+    assert {(r["encoder"], r["decoder"]) for r in runs} == {("exp", "bounded"), ("explin", "bounded"),
+                                                            ("exp", "exp"), ("explin", "exp")}
+    assert all(r["lr"] == 0.006 and r["seed"] == 0 and r["steps"] == 3 and r["seconds"] > 0 for r in runs)
+    assert all(r["failed"] == (r["reason"] is not None) for r in runs)
+    assert report["settings"]["decoders"]["bounded"] == "bounded(0.2886751345948129, 256)"
+    # the table counts exactly what the per-run records say
+    cells = _md_cells((out / "overfit.md").read_text())
+    assert cells == {(0.006, r["encoder"], r["decoder"]): (int(r["failed"]), 1) for r in runs}
+    for (lr, encoder, decoder), (failed, n) in cells.items():
+        assert re.search(rf"^{encoder} .*{failed}/{n}", printed, re.M)
+    assert "paper's Table 2" in printed and "ms/step" in printed
+    # a run in a worker process is the same run as in this one
+    exp_bounded = next(r for r in runs if (r["encoder"], r["decoder"]) == ("exp", "bounded"))
+    assert overfit.train_one("exp", "bounded", 0.006, 0, 3).final_loss == exp_bounded["final_loss"]
+    png = (out / "overfit.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+
+
+def test_bad_scale_name_is_a_usage_error(tmp_path):
+    with pytest.raises(SystemExit) as e:
+        overfit.main(["--encoders", "expp", "--out", str(tmp_path)])
+    assert e.value.code == 2
