@@ -220,3 +220,23 @@ def test_unknown_target_and_variant():
         vaepatch.apply("upbounded1", target="nope")
     with pytest.raises(ValueError, match="unknown variant"):
         vaepatch.apply("upbounded2x", target="vdvae")
+
+
+def test_two_clones_and_nothing_imported_asks_for_a_target():
+    import subprocess
+    import sys
+
+    from vaepatch import upstream
+
+    try:
+        nvae = upstream.locate("nvae")
+    except upstream.UpstreamError:
+        nvae = None
+    if nvae is None:
+        pytest.skip("SKIPPED, needs an NVlabs/NVAE clone too (vaepatch fetch nvae) to be ambiguous")
+    code = "import vaepatch\ntry:\n    vaepatch.apply('upbounded1')\nexcept ValueError as e:\n    print(e)\n"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120).stdout
+    assert "target='vdvae'" in out and "target='nvae'" in out
+    # once one upstream is imported, it is the default
+    code = "import sys; sys.path.insert(0, %r)\nimport vae, vae_helpers, vaepatch\nprint(vaepatch.apply('upbounded1').target)\n" % str(CLONE)
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120).stdout.strip() == "vdvae"

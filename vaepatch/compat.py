@@ -2,7 +2,8 @@
 
 The pinned openai/vdvae breaks on a current machine at a handful of lines (apex import,
 numpy >= 1.24, torchvision at module level, and on CPU: ``.cuda()``, ``set_device``,
-nccl, DDP ``device_ids``). Each fix here is a named :class:`Shim` that is switched on only
+nccl, DDP ``device_ids``); the pinned NVlabs/NVAE at a few more (tensorboardX, lmdb and
+torchvision at module level, ``.cuda()``, batch norms that refuse CPU tensors). Each fix here is a named :class:`Shim` that is switched on only
 when its check says the machine needs it, replaces things from outside (``sys.modules``
 entries and attributes, restored exactly by :func:`revert`), and is listed in the run's
 ``run.json`` so a result always says what it ran on. The clone itself is never edited.
@@ -18,7 +19,7 @@ from typing import Callable
 
 from vaepatch.patching import Patch, PatchSet
 
-__all__ = ["CompatError", "Shim", "VDVAE_SHIMS", "needed", "install", "Installed"]
+__all__ = ["CompatError", "Shim", "VDVAE_SHIMS", "NVAE_SHIMS", "needed", "install", "Installed"]
 
 
 class CompatError(RuntimeError):
@@ -220,6 +221,224 @@ VDVAE_SHIMS = (
          _on_cpu, _install_ddp),
 )
 
+
+
+# -- NVlabs/NVAE -------------------------------------------------------------------------
+# The pinned NVAE imports tensorboardX (utils.py), lmdb (lmdb_datasets.py) and torchvision
+# (datasets.py, thirdparty/lsun.py, fid/) at module level, subclassing torchvision classes at
+# import time; calls .cuda() in model.py, distributions.py, utils.py and neural_ar_operations.py;
+# and its batch norms refuse CPU tensors (SyncBatchNormSwish always, nn.SyncBatchNorm once a
+# process group exists, which train.py always creates, with nccl, after torch.cuda.set_device).
+
+class _MissingPackage(types.ModuleType):
+    """A stand-in for a package that is not installed: any public name is a class.
+
+    The classes can be subclassed (NVAE subclasses ``torchvision.datasets.MNIST`` and others at
+    import time), and calling one (building a dataset, a transform, ``lmdb.open``) raises a
+    CompatError that says what is missing and how to install it.
+    """
+
+    def __init__(self, name: str, message: str):
+        super().__init__(name, f"vaepatch stand-in for {name} (see vaepatch.compat)")
+        self.__vaepatch_stand_in__ = True
+        self._vaepatch_message = message
+
+    def __getattr__(self, attribute):
+        if attribute.startswith("__") or attribute.startswith("_vaepatch"):
+            raise AttributeError(attribute)  # keeps the import machinery (__path__, __spec__...) honest
+        qualified, message = f"{self.__name__}.{attribute}", self._vaepatch_message
+
+        def unavailable(*_args, **_kwargs):
+            raise CompatError(f"{qualified} was used, but {message}")
+
+        stand_in = type(attribute, (), {"__init__": unavailable, "__module__": self.__name__,
+                                        "__doc__": f"vaepatch stand-in for {qualified}: using it raises CompatError"})
+        setattr(self, attribute, stand_in)  # the same class on every access
+        return stand_in
+
+
+def _install_tensorboardx() -> Callable[[], None]:
+    class SummaryWriter:
+        """tensorboardX.SummaryWriter stand-in: takes every call and writes nothing.
+
+        NVAE's logs are for TensorBoard only; vaepatch's launcher records its own per-step events.
+        """
+
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def __getattr__(self, name):
+            if name.startswith("__"):
+                raise AttributeError(name)
+            return lambda *args, **kwargs: None
+
+    SummaryWriter.__module__ = "tensorboardX"
+    return _put_modules({"tensorboardX": _stand_in("tensorboardX", SummaryWriter=SummaryWriter)})
+
+
+def _install_lmdb() -> Callable[[], None]:
+    message = ("lmdb is not importable here; NVAE reads celeba, imagenet, ffhq and lsun from LMDB files: "
+               "pip install lmdb")
+    return _put_modules({"lmdb": _MissingPackage("lmdb", message)})
+
+
+def _install_torchvision_nvae() -> Callable[[], None]:
+    import torch
+
+    message = (f"torchvision is not importable here; NVAE needs it for its datasets, transforms and FID. "
+               f"Install the torchvision build that matches torch {torch.__version__}")
+    names = ["torchvision", "torchvision.datasets", "torchvision.datasets.vision", "torchvision.datasets.utils",
+             "torchvision.transforms", "torchvision.models", "torchvision.models.inception"]
+    modules = {name: _MissingPackage(name, message) for name in names}
+    modules["torchvision"].__version__ = "0.0"  # fid/inception.py parses it before calling a (stand-in) model
+    for name, module in modules.items():
+        if "." in name:
+            parent, _, child = name.rpartition(".")
+            setattr(modules[parent], child, module)
+    return _put_modules(modules)
+
+
+_ALL_REDUCE_SUM = []
+
+
+def _all_reduce_sum():
+    """An autograd Function: sum over the process group forward, and of the gradients backward."""
+    if not _ALL_REDUCE_SUM:
+        import torch
+        import torch.distributed as dist
+
+        class AllReduceSum(torch.autograd.Function):
+            @staticmethod
+            def forward(ctx, tensor, group):
+                ctx.group = group
+                total = tensor.clone()
+                dist.all_reduce(total, group=group)
+                return total
+
+            @staticmethod
+            def backward(ctx, grad):
+                total = grad.clone()
+                dist.all_reduce(total, group=ctx.group)
+                return total, None
+
+        _ALL_REDUCE_SUM.append(AllReduceSum)
+    return _ALL_REDUCE_SUM[0]
+
+
+def _batch_norm_cpu(bn, x):
+    """``bn``'s batch norm of a CPU tensor, in training synchronised over the process group.
+
+    With one process (or no process group, or in eval) this is the module's own
+    ``_BatchNorm.forward`` (what the GPU code falls back to when there is nothing to sync). With
+    several gloo processes the batch statistics are summed over all of them with autograd-aware
+    all-reduces (two passes: mean, then centred second moment), as SyncBatchNorm does on GPUs.
+    """
+    import torch
+    import torch.distributed as dist
+    from torch.nn.modules.batchnorm import _BatchNorm
+
+    group = getattr(bn, "process_group", None) or (dist.group.WORLD if dist.is_available() else None)
+    synced = (bn.training and dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1)
+    if not synced:
+        return _BatchNorm.forward(bn, x)
+    all_reduce = _all_reduce_sum().apply
+
+    dims = [0] + list(range(2, x.dim()))
+    shape = [1, x.shape[1]] + [1] * (x.dim() - 2)
+    count = torch.tensor([float(x.numel() // x.shape[1])], dtype=torch.float64)
+    dist.all_reduce(count, group=group)
+    n = count.item()
+    mean = all_reduce(x.sum(dims), group) / n
+    centred = x - mean.view(shape)
+    var = all_reduce((centred * centred).sum(dims), group) / n
+    out = centred * torch.rsqrt(var + bn.eps).view(shape)
+    if bn.affine:
+        out = out * bn.weight.view(shape) + bn.bias.view(shape)
+    if bn.track_running_stats:
+        with torch.no_grad():
+            bn.num_batches_tracked.add_(1)
+            factor = bn.momentum if bn.momentum is not None else 1.0 / bn.num_batches_tracked.item()
+            bn.running_mean.mul_(1 - factor).add_(mean.detach(), alpha=factor)
+            bn.running_var.mul_(1 - factor).add_(var.detach() * (n / max(n - 1.0, 1.0)), alpha=factor)
+    return out
+
+
+def _sum_rejects_generators() -> bool:
+    import numpy as np
+
+    try:
+        np.sum(x for x in (0, 1))
+        return False
+    except TypeError:
+        return True
+
+
+class _NumpySummingIterables(types.ModuleType):
+    """numpy, except that sum of a generator is Python's sum of it (as older numpy did, after a warning)."""
+
+    def __init__(self):
+        import numpy
+
+        super().__init__("numpy")
+        self.__numpy = numpy
+
+    def __getattr__(self, name):
+        return getattr(self.__numpy, name)
+
+    def sum(self, a, *args, **kwargs):
+        if isinstance(a, types.GeneratorType) and not args and not kwargs:
+            return sum(a)
+        return self.__numpy.sum(a, *args, **kwargs)
+
+
+def _install_sum() -> Callable[[], None]:
+    utils = importlib.import_module("utils")  # upstream's utils.py, already on sys.path
+    return _patches(Patch(utils, "np", _NumpySummingIterables()), label="compat numpy-sum-generator")
+
+
+def _install_sync_batchnorm_cpu() -> Callable[[], None]:
+    sync_bn_swish = importlib.import_module("thirdparty.inplaced_sync_batchnorm")  # upstream's, on sys.path
+    neural_operations = importlib.import_module("neural_operations")
+    swish_class = sync_bn_swish.SyncBatchNormSwish
+    wrapper_class = neural_operations.SyncBatchNorm
+    swish_forward, wrapper_forward = swish_class.__dict__["forward"], wrapper_class.__dict__["forward"]
+    swish = sync_bn_swish.swish  # upstream's own Swish autograd function, as its forward applies it
+
+    def swish_bn_forward(self, input):
+        if input.device.type != "cpu":  # upstream's own path (GPU + process group)
+            return swish_forward(self, input)
+        return swish.apply(_batch_norm_cpu(self, input))
+
+    def wrapper_bn_forward(self, x):
+        if x.device.type != "cpu":
+            return wrapper_forward(self, x)
+        return _batch_norm_cpu(self.bn, x)
+
+    return _patches(Patch(swish_class, "forward", swish_bn_forward), Patch(wrapper_class, "forward", wrapper_bn_forward),
+                    label="compat cpu sync batch norm")
+
+
+NVAE_SHIMS = (
+    Shim("tensorboardx-stub", "utils.py: from tensorboardX import SummaryWriter (module level; the stand-in writes nothing)",
+         lambda cpu: not _importable("tensorboardX"), _install_tensorboardx),
+    Shim("lmdb-stub", "lmdb_datasets.py: import lmdb (module level; used by the celeba/imagenet/ffhq/lsun loaders)",
+         lambda cpu: not _importable("lmdb"), _install_lmdb),
+    Shim("torchvision-stub-nvae", "datasets.py: class StackedMNIST(dset.MNIST), thirdparty/lsun.py: "
+         "class LSUNClass(VisionDataset), fid/inception.py: class FIDInceptionA(torchvision.models.inception.InceptionA) "
+         "(torchvision classes subclassed at import time)",
+         lambda cpu: not _importable("torchvision"), _install_torchvision_nvae),
+    Shim("numpy-sum-generator", "utils.count_parameters_in_M (called by train.py): np.sum of a generator "
+         "(deprecated since numpy 1.15, a TypeError now)", lambda cpu: _sum_rejects_generators(), _install_sum),
+    Shim("cpu-cuda-calls", "Tensor.cuda()/Module.cuda() in model.py (sample, spectral_norm_parallel), distributions.py "
+         "(DiscMixLogistic.sample), utils.py (kl_balancer_coeff, one_hot), neural_ar_operations.py (ARConv2d mask), train.py",
+         _on_cpu, _install_cuda_calls),
+    Shim("cpu-sync-batchnorm", "thirdparty/inplaced_sync_batchnorm.py SyncBatchNormSwish.forward: "
+         "'SyncBatchNorm expected input tensor to be on GPU'; neural_operations.SyncBatchNorm (nn.SyncBatchNorm) "
+         "refuses CPU tensors once a process group exists",
+         _on_cpu, _install_sync_batchnorm_cpu),
+    Shim("cpu-set-device", "train.py init_processes: torch.cuda.set_device", _on_cpu, _install_set_device),
+    Shim("cpu-gloo", "train.py init_processes: dist.init_process_group(backend='nccl')", _on_cpu, _install_gloo),
+)
 
 def needed(cpu: bool, shims=VDVAE_SHIMS) -> list[Shim]:
     """The shims this machine needs, in install order (stand-in modules before upstream imports)."""

@@ -1,6 +1,6 @@
 """apply / revert / patched: one call patches each supported upstream that is present.
 
-Each target module (``vdvae``, later ``nvae``) says which upstream modules it needs
+Each target module (``vdvae``, ``nvae``) says which upstream modules it needs
 (``MODULES``) and builds its patch list (``build(variant, modules)``); this module finds
 the upstream, checks its commit, imports it, and keeps one active PatchSet per target.
 """
@@ -17,7 +17,7 @@ from vaepatch import upstream as _upstream
 from vaepatch.patching import PatchSet
 from vaepatch.variant import Variant
 
-TARGETS = {"vdvae": "vaepatch.targets.vdvae"}
+TARGETS = {"vdvae": "vaepatch.targets.vdvae", "nvae": "vaepatch.targets.nvae"}
 _active: dict = {}  # target name -> Handle
 
 
@@ -61,7 +61,11 @@ def _import_upstream(name, upstream, strict):
             raise
         warnings.warn(f"{name} clone at {path} is not the pinned commit or has local edits; patching anyway (strict=False)", stacklevel=4)
     _upstream.add_to_path(path)
-    modules = {m: importlib.import_module(m) for m in target.MODULES}
+    try:
+        modules = {m: importlib.import_module(m) for m in target.MODULES}
+    except ImportError as err:
+        raise _upstream.UpstreamError(f"importing the {name} clone at {path} failed: {err}\n"
+                                      f"{getattr(target, 'IMPORT_HINT', '')}".rstrip()) from err
     for m, mod in modules.items():
         if not str(getattr(mod, "__file__", "")).startswith(str(path)):
             raise _upstream.UpstreamError(f"module {m!r} was imported from {getattr(mod, '__file__', '?')}, not from the {name} clone at {path}: "
@@ -79,6 +83,24 @@ def _present(name):
         return True  # an explicit but broken location: let apply report it
 
 
+def _imported(name):
+    return all(m in sys.modules for m in _target_module(name).MODULES)
+
+
+def _default_targets():
+    """Upstreams already imported win; else the one clone present. Two clones and nothing imported
+    is ambiguous (their top-level module names clash, e.g. both have ``utils``): ask for target=."""
+    imported = [n for n in TARGETS if _imported(n)]
+    if imported:
+        return imported
+    present = [n for n in TARGETS if _present(n)]
+    if len(present) > 1:
+        raise ValueError(f"clones of {', '.join(present)} are all present and none is imported yet, so vaepatch "
+                         "cannot tell which one you train: pass target=" + " or target=".join(map(repr, present))
+                         + " (one upstream per process: their module names clash)")
+    return present
+
+
 def _fuse_default():
     return os.environ.get("VAEPATCH_FUSE", "0").strip().lower() in ("1", "true", "yes", "on")
 
@@ -94,7 +116,7 @@ def apply(variant, target=None, upstream=None, strict=True, fuse=None):
     than one upstream is present).
     """
     variant = Variant.parse(variant)
-    names = [target] if target is not None else [n for n in TARGETS if _present(n)]
+    names = [target] if target is not None else _default_targets()
     if not names:
         raise _upstream.UpstreamError(
             "no supported upstream found to patch: none of "
