@@ -74,11 +74,12 @@ def test_a_module_that_fails_to_import_counts_as_absent_and_is_cleaned_up(tmp_pa
 
 
 def test_vstack_proxy_accepts_generators_and_is_numpy_otherwise():
-    proxy = compat._NumpyStackingIterables()
+    proxy = compat._NumpyAcceptingGenerators()
     rows = [np.arange(3), np.arange(3, 6)]
     assert np.array_equal(proxy.vstack(r for r in rows), np.vstack(rows))
     assert np.array_equal(proxy.vstack(rows), np.vstack(rows))
     assert proxy.asarray is np.asarray and proxy.float32 is np.float32
+    assert proxy.sum(x for x in (1, 2, 3)) == 6 and proxy.sum(np.ones((2, 2)), axis=0).tolist() == [2.0, 2.0]
     if compat._vstack_rejects_generators():
         with pytest.raises(TypeError):
             np.vstack(r for r in rows)  # the upstream line this shim exists for
@@ -90,7 +91,7 @@ def test_vstack_shim_patches_only_the_upstream_data_module(monkeypatch):
     monkeypatch.setitem(sys.modules, "data", data)
     undo = _shim("numpy-vstack-generator").install()
     try:
-        assert isinstance(data.np, compat._NumpyStackingIterables)
+        assert isinstance(data.np, compat._NumpyAcceptingGenerators)
         assert data.np.vstack(r for r in ([1, 2], [3, 4])).shape == (2, 2)
         assert sys.modules["numpy"] is np  # numpy itself is untouched
     finally:

@@ -134,8 +134,10 @@ def _vstack_rejects_generators() -> bool:
         return True
 
 
-class _NumpyStackingIterables(types.ModuleType):
-    """numpy, except that vstack accepts a generator (as numpy < 1.24 did)."""
+class _NumpyAcceptingGenerators(types.ModuleType):
+    """numpy, except that ``vstack`` and ``sum`` of a generator work as they did in 2020's numpy
+    (vstack materializes it; sum of a bare generator is Python's sum). Installed only as an
+    upstream module's ``np``, never as numpy itself."""
 
     def __init__(self):
         import numpy
@@ -151,10 +153,15 @@ class _NumpyStackingIterables(types.ModuleType):
             tup = list(tup)
         return self.__numpy.vstack(tup, *args, **kwargs)
 
+    def sum(self, a, *args, **kwargs):
+        if isinstance(a, types.GeneratorType) and not args and not kwargs:
+            return sum(a)
+        return self.__numpy.sum(a, *args, **kwargs)
+
 
 def _install_vstack() -> Callable[[], None]:
     data = importlib.import_module("data")  # upstream's data.py, already on sys.path
-    return _patches(Patch(data, "np", _NumpyStackingIterables()), label="compat numpy-vstack")
+    return _patches(Patch(data, "np", _NumpyAcceptingGenerators()), label="compat numpy-vstack")
 
 
 def _install_cuda_calls() -> Callable[[], None]:
@@ -373,27 +380,9 @@ def _sum_rejects_generators() -> bool:
         return True
 
 
-class _NumpySummingIterables(types.ModuleType):
-    """numpy, except that sum of a generator is Python's sum of it (as older numpy did, after a warning)."""
-
-    def __init__(self):
-        import numpy
-
-        super().__init__("numpy")
-        self.__numpy = numpy
-
-    def __getattr__(self, name):
-        return getattr(self.__numpy, name)
-
-    def sum(self, a, *args, **kwargs):
-        if isinstance(a, types.GeneratorType) and not args and not kwargs:
-            return sum(a)
-        return self.__numpy.sum(a, *args, **kwargs)
-
-
 def _install_sum() -> Callable[[], None]:
     utils = importlib.import_module("utils")  # upstream's utils.py, already on sys.path
-    return _patches(Patch(utils, "np", _NumpySummingIterables()), label="compat numpy-sum-generator")
+    return _patches(Patch(utils, "np", _NumpyAcceptingGenerators()), label="compat numpy-sum-generator")
 
 
 def _install_sync_batchnorm_cpu() -> Callable[[], None]:
