@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from vaepatch import compat, upstream
+from tests.vdvae_support import usable_clone
 
 # top-level names the NVAE clone defines (modules and packages)
 NVAE_ROOTS = ("utils", "model", "distributions", "neural_operations", "neural_ar_operations", "thirdparty",
@@ -35,14 +36,7 @@ ARCH = "res_mbconv"  # NVAE's default --arch_instance
 
 def nvae_clone():
     """Path of a usable NVlabs/NVAE clone, or None (with the reason) when there is none."""
-    try:
-        path = upstream.locate("nvae")
-        if path is None:
-            return None, "no NVlabs/NVAE clone (set $VAEPATCH_NVAE or run `vaepatch fetch nvae`)"
-        upstream.verify(path, "nvae")
-        return path, ""
-    except upstream.UpstreamError as err:
-        return None, f"NVlabs/NVAE clone unusable: {err}"
+    return usable_clone("nvae", "NVlabs/NVAE")
 
 
 def require_nvae():

@@ -6,16 +6,21 @@ import pytest
 from vaepatch import upstream
 
 
-def vdvae_clone():
-    """Path of a usable openai/vdvae clone, or None (with the reason) when there is none."""
+def usable_clone(name, label):
+    """Path of a usable clone of upstream ``name``, or None (with the reason) when there is none."""
     try:
-        path = upstream.locate("vdvae")
+        path = upstream.locate(name)
         if path is None:
-            return None, "no openai/vdvae clone (set $VAEPATCH_VDVAE or run `vaepatch fetch vdvae`)"
-        upstream.verify(path, "vdvae")
+            return None, f"no {label} clone (set ${upstream.pin(name).env} or run `vaepatch fetch {name}`)"
+        upstream.verify(path, name)
         return path, ""
     except upstream.UpstreamError as err:
-        return None, f"openai/vdvae clone unusable: {err}"
+        return None, f"{label} clone unusable: {err}"
+
+
+def vdvae_clone():
+    """Path of a usable openai/vdvae clone, or None (with the reason) when there is none."""
+    return usable_clone("vdvae", "openai/vdvae")
 
 
 def require_vdvae():
