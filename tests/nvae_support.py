@@ -15,7 +15,7 @@ import sys
 import pytest
 import torch
 
-from vaepatch import compat, upstream
+from vaepatch import compat
 from tests.vdvae_support import usable_clone
 
 # top-level names the NVAE clone defines (modules and packages)
