@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import vaepatch
-from vaepatch import compat, scales
+from vaepatch import compat
 from vaepatch.patching import PatchSet
 from tests.nvae_support import cifar_like, nvae_clone, nvae_imported, tiny_model
 

@@ -3,8 +3,6 @@
 Every test here needs the clone ($VAEPATCH_VDVAE or third_party/vdvae); without one each
 is skipped with a message saying so and how to get it (`vaepatch fetch vdvae`).
 """
-import math
-
 import numpy as np
 import pytest
 import torch
