@@ -1,0 +1,111 @@
+"""The OU benches (ou-collapse, phase, ou-cost) at smoke size on synthetic images."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from vaepatch.bench import ou_collapse, ou_cost, ou_phase
+from vaepatch.models import MLPHierarchy
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models: a second intra-op thread only adds contention on a shared machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def mnist_like(tmp_path):
+    """200 28x28 uint8 images: a few blurry strokes each, like digits to a Bernoulli decoder."""
+    rng = np.random.default_rng(0)
+    images = np.zeros((200, 28, 28), np.uint8)
+    for img, c in zip(images, rng.integers(0, 4, 200)):
+        img[4 + 4 * c:10 + 4 * c, 6:22] = 255
+        img[:, 12 + c:15 + c] = 200
+    path = tmp_path / "mnist.npz"
+    np.savez(path, data=images)
+    return path
+
+
+TINY = ["--steps", "3", "--n-train", "150", "--n-val", "40", "--k", "3", "--latents", "6,5", "--jobs", "1"]
+
+
+def test_ou_collapse_quick_writes_everything_and_prints_both_active_unit_counts(mnist_like, tmp_path, capsys):
+    out = tmp_path / "collapse"
+    rc = ou_collapse.main(["--quick", "--data", str(mnist_like), "--out", str(out), "--seeds", "2",
+                           "--passes", "3", "--rhos", "0.9", *TINY])
+    text = capsys.readouterr().out
+    assert rc == 0
+    assert "top-layer KL" in text and "corrected" in text and "paper" in text and "L_k" in text
+    assert "ou rho=0.9 K=5" in text and "vanilla" in text
+    data = json.loads((out / "ou_collapse.json").read_text())
+    assert len(data["runs"]) == 4 and {r["config"] for r in data["runs"]} == {"vanilla", "ou rho=0.9 K=5"}
+    run = data["runs"][0]
+    assert len(run["kl_per_layer"]) == 2 and len(run["active_paper"]) == 2 and len(run["active_corrected"]) == 2
+    assert run["iw_bound"] >= run["elbo"] - 5 and run["steps_done"] == 3
+    assert (out / "ou_collapse.png").stat().st_size > 1000 and (out / "ou_collapse.md").is_file()
+
+
+def test_ou_collapse_without_data_fails_clearly(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("VAEPATCH_MNIST", raising=False)
+    rc = ou_collapse.main(["--data", str(tmp_path / "absent.npz"), "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "does not exist" in err and "yann.lecun.com" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_phase_quick_prints_the_critical_rho_and_plots(mnist_like, tmp_path, capsys):
+    out = tmp_path / "phase"
+    rc = ou_phase.main(["--quick", "--data", str(mnist_like), "--out", str(out), "--rhos", "0.5,1.0",
+                        "--seeds", "2", *TINY])
+    text = capsys.readouterr().out
+    assert rc == 0 and "critical rho" in text and "plateau" in text
+    data = json.loads((out / "ou_phase.json").read_text())
+    assert [row["rho"] for row in data["rows"]] == [0.5, 1.0] and all(len(r["top_kl"]) == 2 for r in data["rows"])
+    assert "critical_rho" in data and (out / "ou_phase.png").stat().st_size > 1000
+
+
+def test_critical_rho_rule():
+    rhos = [0.8, 0.85, 0.88, 0.9, 0.95]
+    crit, plateau = ou_phase.critical_rho(rhos, [10.0, 9.5, 9.0, 4.0, 0.1])
+    assert plateau == 10.0 and crit == pytest.approx(0.88 + 0.8 * 0.02)  # half = 5 between 9 and 4
+    assert ou_phase.critical_rho(rhos[::-1], [10.0, 9.5, 9.0, 4.0, 0.1][::-1])[0] == pytest.approx(crit)
+    assert ou_phase.critical_rho(rhos, [10.0, 9.0, 8.0, 7.0, 6.0])[0] is None  # never below half
+    assert ou_phase.critical_rho(rhos, [0.2, 0.1, 0.0, 0.0, 0.0])[0] is None  # collapsed everywhere
+
+
+def test_analytic_flops_match_torchs_count():
+    torch.manual_seed(0)
+    model = MLPHierarchy(x_dim=20, latents=(5, 4, 3), hidden=16, variant="vanilla,ou=0.9x3")
+    x = torch.bernoulli(torch.full((8, 20), 0.3))
+    counted = ou_cost.counted_flops(lambda: model(x)["loss"].backward())
+    flops = ou_cost.mlp_flops(x_dim=20, latents=(5, 4, 3), hidden=16, batch=8, samples=3)
+    assert counted == flops["total"]
+    assert flops["ratio"] == pytest.approx(1 + 2 * flops["smoothed_share_of_plain"])
+
+
+def test_saved_activations_grow_with_k():
+    torch.manual_seed(0)
+    x = torch.bernoulli(torch.full((10, 20), 0.3))
+    sizes = []
+    for variant in ("vanilla", "vanilla,ou=0.9x3", "vanilla,ou=0.9x6"):
+        model = MLPHierarchy(x_dim=20, latents=(5, 4, 3), hidden=16, variant=variant)
+        sizes.append(ou_cost.saved_bytes(lambda: model(x)["loss"], model.parameters()))
+    assert 0 < sizes[0] < sizes[1] < sizes[2]
+
+
+def test_ou_cost_quick_prints_ratios(tmp_path, capsys):
+    out = tmp_path / "cost"
+    rc = ou_cost.main(["--quick", "--out", str(out), "--vdvae", "off", "--rss-steps", "0", "--steps", "2",
+                       "--warmup", "1"])
+    text = capsys.readouterr().out
+    assert rc == 0 and "time x" in text and "FLOP x" in text and "ou rho=0.9 K=5" in text
+    rows = json.loads((out / "ou_cost.json").read_text())["rows"]
+    assert [r["config"] for r in rows] == ["plain", "ou rho=0.9 K=5"]
+    assert rows[0]["time_ratio"] == 1.0 and rows[1]["time_ratio"] > 0
+    assert rows[1]["flop_ratio"] == pytest.approx(1 + 4 * rows[0]["smoothed_share"])
+    assert rows[1]["saved_ratio"] > 1.5 and rows[0]["flops_counted"] == rows[0]["flops"]

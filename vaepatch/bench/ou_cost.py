@@ -1,0 +1,340 @@
+"""`vaepatch bench ou-cost`: what OU smoothing of the prior costs per training step, beside its math.
+
+Step time and memory of OU (rho 0.9, K copies) against the plain model, on the MLP hierarchy and,
+when an openai/vdvae clone is present, on a tiny VDVAE. Times: configs interleaved step by step
+(the order rotated every round) on the same weights and batch, median of N steps after warm-up,
+so a change in the machine's load hits every config alike; the ratio is median / median of plain.
+
+FLOPs. MLP: counted analytically from the layer sizes: a Linear n_in -> n_out on B rows is B n_in
+n_out multiply-adds (2 FLOPs each) forward and twice that backward (input and weight gradients;
+the first layer, fed by x, needs no input gradient). The smoothed part is the prior nets
+p(z_i | z_{i+1}), i < L, run on K x B rows instead of B. Elementwise work (tanh, the KL, Adam) is
+left out, so time/FLOP ratios above 1 are overhead beyond the matrix math. The count is checked
+against ``torch.utils.flop_counter.FlopCounterMode`` on a real step. VDVAE: FlopCounterMode only
+(convolutions and matmuls, forward and backward).
+
+Memory, two honest measures (torch has no CPU allocator statistics):
+- saved: bytes of the activations autograd keeps for the backward pass (a
+  ``saved_tensors_hooks`` pack hook, each storage counted once, parameters excluded) -- the part
+  of a step's peak that grows with K; exact and load-independent.
+- peak RSS: in a fresh subprocess per config, after one warm-up step, how far the peak resident
+  set (Linux VmHWM, reset through /proc/self/clear_refs) rises above the RSS between steps over
+  the training steps; includes gradients (freed between steps), temporaries and allocator slack,
+  so its ratio is diluted by parts that do not grow with K. Linux only; skipped elsewhere.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from vaepatch.models.mlp_hierarchy import MLPHierarchy
+
+__all__ = ["mlp_flops", "saved_bytes", "measure_mlp", "measure_vdvae", "main"]
+
+DEFAULTS = dict(steps=50, warmup=10, samples="5,10", rss_steps=20)
+QUICK = dict(steps=5, warmup=2, samples="5", rss_steps=3)
+RHO = 0.9
+PAPER_NOTE = "paper (GPU, full VDVAE-scale model): 4.6 s vs 4.2 s per epoch with OU, x1.095"
+VDVAE_DEC = "1x1,4m1,4x2,8m4,16m8,32m16"  # same-resolution and mixin links both present
+
+
+# -- FLOPs -------------------------------------------------------------------------------------
+def mlp_flops(x_dim=784, latents=(40, 40, 40, 40), hidden=200, batch=100, samples=1) -> dict:
+    """Analytic matmul FLOPs of one training step (forward + backward) of ``MLPHierarchy``;
+    ``samples`` = K OU copies through each prior net (1 = plain)."""
+    def macs(n_in, n_out):
+        return [n_in * hidden, hidden * hidden, hidden * n_out]
+
+    inputs = (x_dim,) + tuple(latents[:-1])
+    encoders = [macs(n, 2 * d) for n, d in zip(inputs, latents)]
+    priors = [macs(latents[i + 1], 2 * latents[i]) for i in range(len(latents) - 1)]
+    decoder = macs(latents[0], x_dim)
+    rest = sum(map(sum, encoders)) + sum(decoder)
+    smoothed = sum(map(sum, priors))
+    first = encoders[0][0]  # x -> hidden: no gradient for x
+    def step(rows_rest, rows_smoothed):
+        fwd = rows_rest * rest + rows_smoothed * smoothed
+        return 2 * (3 * fwd - rows_rest * first)
+    total = step(batch, batch * samples)
+    plain = step(batch, batch)
+    return dict(total=total, plain=plain, ratio=total / plain,
+                smoothed_share_of_plain=2 * 3 * batch * smoothed / plain)
+
+
+def counted_flops(step_fn) -> int:
+    """Matmul/conv FLOPs of ``step_fn()`` (forward + backward) by torch's FlopCounterMode."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        step_fn()
+    return int(counter.get_total_flops())
+
+
+# -- memory ------------------------------------------------------------------------------------
+def saved_bytes(loss_fn, parameters) -> int:
+    """Bytes of the tensors autograd saves for backward while ``loss_fn()`` runs (each storage once,
+    parameters excluded); the graph is freed afterwards without a backward."""
+    skip = {p.untyped_storage().data_ptr() for p in parameters}
+    seen = {}
+
+    def pack(t):
+        if t.device.type == "cpu" and t.layout == torch.strided:
+            s = t.untyped_storage()
+            if s.data_ptr() not in skip:
+                seen[s.data_ptr()] = s.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = loss_fn()
+    del loss
+    return sum(seen.values())
+
+
+def _rss_now_and_peak():
+    """(current, peak) resident set in bytes from /proc/self/status; the peak resets with clear_refs."""
+    fields = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
+    return 1024 * int(fields["VmRSS"].split()[0]), 1024 * int(fields["VmHWM"].split()[0])
+
+
+def _rss_worker(kind: str, config, steps: int, threads: int) -> int:
+    """In a fresh process: after one warm-up step (optimizer state allocated), reset the peak RSS
+    (``echo 5 > /proc/self/clear_refs``) and return how far it rises above the current RSS over ``steps``
+    steps, in bytes."""
+    torch.set_num_threads(threads)
+    step, _ = _build(kind, config)
+    step()
+    Path("/proc/self/clear_refs").write_text("5")
+    before, _ = _rss_now_and_peak()
+    for _ in range(steps):
+        step()
+    return _rss_now_and_peak()[1] - before
+
+
+def rss_growth(kind: str, config, steps: int, threads: int):
+    """``_rss_worker`` in a fresh spawned process; None where /proc/self/clear_refs is missing."""
+    if not Path("/proc/self/clear_refs").exists():
+        return None
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(_rss_worker, kind, config, steps, threads).result()
+
+
+# -- the two references --------------------------------------------------------------------------
+def _mlp_variant(samples):
+    return "vanilla" if samples is None else f"vanilla,ou={RHO}x{samples}"
+
+
+def _build(kind: str, config, seed: int = 0):
+    """(one training step as a callable, extras) for a config of ``kind``, same weights for every config."""
+    if kind == "mlp":
+        torch.manual_seed(seed)
+        model = MLPHierarchy(variant=_mlp_variant(config))
+        x = torch.bernoulli(torch.full((100, 784), 0.13), generator=torch.Generator().manual_seed(seed))
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+
+        def step():
+            opt.zero_grad(set_to_none=True)
+            model(x)["loss"].backward()
+            opt.step()
+
+        return step, dict(model=model, loss=lambda: model(x)["loss"])
+    if kind == "vdvae":
+        import vaepatch
+        from vaepatch.bench.vdvae_steptime import cifar_like_batch, tiny_vae
+
+        variant = "upbounded1" if config is None else f"upbounded1,ou={RHO}x{config}"
+        handle = vaepatch.apply(variant, target="vdvae")
+        H, model = tiny_vae(seed, dec_blocks=VDVAE_DEC)
+        x, _ = cifar_like_batch(H.n_batch, seed)
+        opt = torch.optim.SGD(model.parameters(), lr=1e-6)
+
+        def step():
+            opt.zero_grad(set_to_none=True)
+            model(x, x)["elbo"].backward()
+            opt.step()
+
+        return step, dict(model=model, loss=lambda: model(x, x)["elbo"], patchset=handle.patchset)
+    raise ValueError(kind)
+
+
+def _interleave(steps_by_name: dict, steps: int, warmup: int, desc: str, before=None) -> dict:
+    """Median seconds per step of each config, one step of each per round, order rotated each round."""
+    from tqdm import tqdm
+
+    names = list(steps_by_name)
+    times = {n: [] for n in names}
+    for i in tqdm(range(warmup + steps), desc=desc, unit="round", file=sys.stderr):
+        order = names[i % len(names):] + names[:i % len(names)]
+        for name in order:
+            if before is not None:
+                before(name)
+            t0 = time.perf_counter()
+            steps_by_name[name]()
+            dt = time.perf_counter() - t0
+            if i >= warmup:
+                times[name].append(dt)
+    return {n: statistics.median(ts) for n, ts in times.items()}
+
+
+def _label(samples):
+    return "plain" if samples is None else f"ou rho={RHO} K={samples}"
+
+
+def measure_mlp(samples_list, steps, warmup, rss_steps, threads) -> list:
+    configs = [None] + list(samples_list)
+    built = {c: _build("mlp", c) for c in configs}
+    med = _interleave({c: built[c][0] for c in configs}, steps, warmup, "ou-cost mlp")
+    check = counted_flops(built[configs[-1]][0]), counted_flops(built[None][0])
+    rows = []
+    for c in configs:
+        flops = mlp_flops(samples=1 if c is None else c)
+        ex = built[c][1]
+        rows.append(dict(reference="mlp 40-40-40-40, batch 100", config=_label(c), samples=c, seconds=med[c],
+                         flops=flops["total"], flop_ratio=flops["ratio"],
+                         smoothed_share=flops["smoothed_share_of_plain"],
+                         saved=saved_bytes(ex["loss"], ex["model"].parameters()),
+                         rss=rss_growth("mlp", c, rss_steps, threads) if rss_steps else None))
+    rows[0]["flops_counted"], rows[-1]["flops_counted"] = check[1], check[0]
+    return _ratios(rows)
+
+
+def measure_vdvae(samples_list, steps, warmup, rss_steps, threads) -> list:
+    """Tiny VDVAE, upbounded1 vs upbounded1 + OU; each model keeps its own patch set, toggled per step."""
+    import vaepatch
+
+    configs = [None] + list(samples_list)
+    vaepatch.revert("vdvae")
+    built = {}
+    try:
+        for c in configs:
+            built[c] = _build("vdvae", c)
+            built[c][1]["patchset"].revert()
+        def switch(name):  # only the config's own patch set applied (a no-op revert costs nothing)
+            for other in configs:
+                built[other][1]["patchset"].revert()
+            built[name][1]["patchset"].apply()
+
+        for c in configs[1:]:
+            built[c][1]["model"].load_state_dict(built[None][1]["model"].state_dict())
+        med = _interleave({c: built[c][0] for c in configs}, steps, warmup, "ou-cost vdvae", before=switch)
+        rows = []
+        for c in configs:
+            switch(c)
+            ex = built[c][1]
+            flops = counted_flops(built[c][0])
+            rows.append(dict(reference="tiny vdvae (width 32, batch 16, 32x32)", config=_label(c), samples=c,
+                             seconds=med[c], flops=flops, flops_counted=flops,
+                             saved=saved_bytes(ex["loss"], ex["model"].parameters())))
+    finally:
+        for c in built:
+            built[c][1]["patchset"].revert()
+        vaepatch.revert("vdvae")
+    for row in rows:
+        row["rss"] = rss_growth("vdvae", row["samples"], rss_steps, threads) if rss_steps else None
+    plain = rows[0]["flops"]
+    for row in rows:
+        row["flop_ratio"] = row["flops"] / plain
+    return _ratios(rows)
+
+
+def _ratios(rows):
+    base = rows[0]
+    for row in rows:
+        row["time_ratio"] = row["seconds"] / base["seconds"]
+        row["saved_ratio"] = row["saved"] / base["saved"] if base["saved"] else None
+        row["rss_ratio"] = row["rss"] / base["rss"] if row.get("rss") and base.get("rss") else None
+        row["time_per_flop_ratio"] = row["time_ratio"] / row["flop_ratio"]
+    return rows
+
+
+def table_lines(rows) -> list:
+    lines = [f"{'reference':38} {'config':17} {'ms/step':>8} {'time x':>7} {'FLOP x':>7} {'time/FLOP':>9} "
+             f"{'saved MB':>9} {'saved x':>8} {'RSS+ MB':>8} {'RSS x':>6}"]
+    for r in rows:
+        rss = f"{r['rss'] / 2**20:8.1f}" if r.get("rss") is not None else f"{'-':>8}"
+        rss_x = f"{r['rss_ratio']:6.2f}" if r.get("rss_ratio") else f"{'-':>6}"
+        lines.append(f"{r['reference']:38} {r['config']:17} {1e3 * r['seconds']:8.2f} {r['time_ratio']:7.3f} "
+                     f"{r['flop_ratio']:7.3f} {r['time_per_flop_ratio']:9.3f} {r['saved'] / 2**20:9.2f} "
+                     f"{r['saved_ratio']:8.2f} {rss} {rss_x}")
+    return lines
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="vaepatch bench ou-cost", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog=__doc__.split("\n\n", 1)[1] + f"\ndefaults: {DEFAULTS}; --quick: {QUICK}")
+    parser.add_argument("--out", default="vaepatch-ou-cost", help="output folder (json, md)")
+    parser.add_argument("--quick", action="store_true", help="smoke size; explicit flags still win")
+    parser.add_argument("--steps", type=int, help="timed rounds (one step of every config each)")
+    parser.add_argument("--warmup", type=int, help="untimed rounds first")
+    parser.add_argument("--samples", help="comma-separated K values to compare with plain")
+    parser.add_argument("--rss-steps", type=int, help="steps per fresh subprocess for the peak-RSS growth (0: skip)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1: steadier on a shared machine)")
+    parser.add_argument("--vdvae", choices=["auto", "off"], default="auto",
+                        help="also measure a tiny openai/vdvae when a clone is found (auto)")
+    args = parser.parse_args(argv)
+    for key, value in {**DEFAULTS, **(QUICK if args.quick else {})}.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    try:
+        samples = [int(v) for v in str(args.samples).split(",") if v.strip()]
+    except ValueError:
+        parser.error(f"--samples takes comma-separated integers, got {args.samples!r}")
+    if not samples or min(samples) < 1 or args.steps < 1 or args.warmup < 0 or args.rss_steps < 0:
+        parser.error("--samples >= 1, --steps >= 1, --warmup >= 0, --rss-steps >= 0")
+    torch.set_num_threads(args.threads)
+
+    wall = time.perf_counter()
+    rows = measure_mlp(samples, args.steps, args.warmup, args.rss_steps, args.threads)
+    vdvae_note = "tiny VDVAE: skipped (--vdvae off)"
+    if args.vdvae == "auto":
+        from vaepatch.upstream import UpstreamError, locate
+
+        try:
+            clone = locate("vdvae")
+        except UpstreamError as err:
+            clone, vdvae_note = None, f"tiny VDVAE: skipped ({err})"
+        if clone is not None:
+            rows += measure_vdvae(samples, args.steps, args.warmup, args.rss_steps, args.threads)
+            vdvae_note = f"tiny VDVAE: openai/vdvae clone at {clone}, decoder {VDVAE_DEC}"
+        elif vdvae_note.endswith("off)"):
+            vdvae_note = "tiny VDVAE: skipped (no openai/vdvae clone; run `vaepatch fetch vdvae`)"
+    wall = time.perf_counter() - wall
+
+    mlp = rows[0]
+    check = next(r for r in rows if r["reference"].startswith("mlp") and r is not mlp and "flops_counted" in r)
+    header = (f"OU step cost (rho={RHO}), median of {args.steps} interleaved steps after {args.warmup} warm-up, "
+              f"{args.threads} thread(s); x = ratio to plain in the same run")
+    notes = [f"MLP smoothed part (prior nets z_i | z_(i+1), i < L) = {100 * mlp['smoothed_share']:.1f}% of a plain "
+             f"step's matmul FLOPs, so K copies cost 1 + (K - 1) x that share; analytic count vs FlopCounterMode: "
+             f"plain {mlp['flops']:,} vs {mlp['flops_counted']:,}, {check['config']} {check['flops']:,} vs "
+             f"{check['flops_counted']:,}",
+             "time/FLOP > 1: overhead beyond the matrix math (elementwise ops, copies, framework)",
+             "saved = activation bytes autograd keeps for backward (parameters excluded); RSS+ = rise of the peak "
+             f"RSS above the between-steps RSS over {args.rss_steps} steps (after 1 warm-up step), a fresh subprocess "
+             "per config", vdvae_note, PAPER_NOTE,
+             f"total wall {wall:.0f} s"]
+    lines = table_lines(rows)
+    print("\n".join(["", header, ""] + lines + [""] + notes))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    meta = dict(rho=RHO, samples=samples, steps=args.steps, warmup=args.warmup, rss_steps=args.rss_steps,
+                threads=args.threads, wall_seconds=wall, torch=torch.__version__, cpus=os.cpu_count())
+    (out / "ou_cost.json").write_text(json.dumps(dict(meta=meta, rows=rows, notes=notes), indent=1))
+    (out / "ou_cost.md").write_text("\n".join([f"# {header}", "", "```"] + lines + ["```", ""] + notes) + "\n")
+    print(f"wrote {out / 'ou_cost.json'}, {out / 'ou_cost.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
