@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from vaepatch import gaussian, scales
+from vaepatch import gaussian, mnist, scales
 from vaepatch.bench import decoder_variance as dv
 
 REPO = Path(__file__).resolve().parents[1]
@@ -27,7 +27,7 @@ def _images(n, seed=0):
 
 def _idx_bytes(images):
     n, rows, cols = images.shape
-    return struct.pack(">IIII", dv.IDX_MAGIC, n, rows, cols) + images.tobytes()
+    return struct.pack(">IIII", mnist.IDX_MAGIC, n, rows, cols) + images.tobytes()
 
 
 # ---------------------------------------------------------------- loader

@@ -27,16 +27,12 @@ density on [0, 1] gives exactly 8 bits/dim).
 from __future__ import annotations
 
 import argparse
-import gzip
-import io
 import json
 import math
 import os
 import statistics
-import struct
 import sys
 import time
-import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -45,6 +41,7 @@ import torch
 from torch import nn
 
 from vaepatch import gaussian, scales
+from vaepatch.mnist import MNIST_SOURCE, load_mnist  # noqa: F401  (load_mnist: part of this bench's API)
 
 ALPHA = "1/(256*sqrt(12))"  # the 8-bit quantization noise std on the 0..1 scale
 SCALES = ["naive_exp", "exp", "upbounded1", f"downbounded({ALPHA})", f"bounded({ALPHA}, 1)"]
@@ -52,53 +49,11 @@ MUS = ["sigmoid", "identity"]
 LRS = [1e-4, 1e-3]
 PIXELS = 28 * 28
 LATENT = 128
-MNIST_SOURCE = "http://yann.lecun.com/exdb/mnist/ (t10k-images-idx3-ubyte.gz or train-images-idx3-ubyte.gz)"
 ENV = "VAEPATCH_MNIST"
-IDX_MAGIC = 0x00000803  # unsigned byte, 3 dimensions
 PAPER_NOTE = "paper's Table 3: see arXiv 2106.13739 (its numbers could not be retrieved here, so none are printed)"
 
 
 # ---------------------------------------------------------------- data
-
-def load_mnist(path) -> np.ndarray:
-    """The images of an MNIST file as an (N, 28, 28) uint8 array; never downloads."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"MNIST file {str(path)!r} not found (or not a file); get it from {MNIST_SOURCE}")
-    try:
-        raw = path.read_bytes()
-        if raw[:2] == b"\x1f\x8b":
-            raw = gzip.decompress(raw)
-    except (OSError, EOFError) as e:
-        raise ValueError(f"MNIST file {str(path)!r} is unreadable: {e}") from e
-    images = _from_npz(raw, path) if raw[:4] == b"PK\x03\x04" else _from_idx(raw, path)  # .npz is a zip
-    if images.dtype != np.uint8 or images.ndim != 3 or images.shape[1:] != (28, 28) or len(images) == 0:
-        raise ValueError(f"MNIST file {str(path)!r}: expected N x 28 x 28 uint8 images, "
-                         f"got shape {images.shape} dtype {images.dtype}")
-    return images
-
-
-def _from_npz(raw, path):
-    try:
-        with np.load(io.BytesIO(raw), allow_pickle=False) as npz:
-            arrays = {name: npz[name] for name in npz.files}
-    except (OSError, ValueError, zipfile.BadZipFile) as e:
-        raise ValueError(f"MNIST file {str(path)!r} is unreadable as .npz: {e}") from e
-    if "data" not in arrays:
-        raise ValueError(f"MNIST file {str(path)!r}: no array named 'data' (has {sorted(arrays)})")
-    return arrays["data"]
-
-
-def _from_idx(raw, path):
-    if len(raw) < 16 or struct.unpack(">I", raw[:4])[0] != IDX_MAGIC:
-        raise ValueError(f"MNIST file {str(path)!r} is neither an .npz nor an IDX image file "
-                         f"(magic {IDX_MAGIC:#010x}, as at {MNIST_SOURCE})")
-    n, rows, cols = struct.unpack(">III", raw[4:16])
-    if len(raw) != 16 + n * rows * cols:
-        raise ValueError(f"MNIST file {str(path)!r}: IDX header says {n} x {rows} x {cols} "
-                         f"but holds {len(raw) - 16} pixel bytes")
-    return np.frombuffer(raw, dtype=np.uint8, offset=16).reshape(n, rows, cols)
-
 
 def resolve_data(path=None) -> str:
     """--data, else $VAEPATCH_MNIST, else an error naming both and the canonical source."""

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from vaepatch.mnist import MNIST_SOURCE, load_mnist
 from vaepatch.models.mlp_hierarchy import ACTIVE_THRESHOLD, MLPHierarchy, binarize, train
 from vaepatch.variant import OU, Variant
 
@@ -30,7 +31,6 @@ __all__ = ["resolve_data", "load_images", "split", "run_one", "run_jobs", "summa
 
 ENV = "VAEPATCH_MNIST"
 DEFAULT_DATA = "/work/shared/data/mnist_test10k.npz"
-MNIST_SOURCE = "http://yann.lecun.com/exdb/mnist/"
 DEFAULTS = dict(steps=10_000, seeds=2, rhos="0.9,0.95", samples=5, n_train=9000, n_val=1000, k=100, passes=20)
 # --quick: every table and file, in a few minutes on two shared cores
 QUICK = dict(steps=400, seeds=2, n_val=200, k=20, passes=10)
@@ -53,17 +53,24 @@ def resolve_data(path=None) -> Path:
 
 
 def load_images(path) -> np.ndarray:
-    """The images of an .npz (key 'data') as (N, 784) uint8."""
+    """The images of an MNIST file (.npz with key 'data', or IDX) as (N, 784) uint8."""
     try:
-        with np.load(path) as f:
-            if "data" not in f:
-                raise ValueError(f"{path}: no key 'data' (found {', '.join(f.files) or 'none'})")
-            data = np.asarray(f["data"])
-    except (OSError, ValueError) as err:
-        raise ValueError(f"cannot read MNIST images from {path}: {err}") from None
-    if data.ndim < 2 or data.dtype != np.uint8:
-        raise ValueError(f"{path}: 'data' must be uint8 images (N, 28, 28), got {data.dtype} {data.shape}")
+        data = load_mnist(path)
+    except FileNotFoundError as err:
+        raise ValueError(str(err)) from None
     return data.reshape(len(data), -1)
+
+
+def load_data(args, prog: str):
+    """(path, train images, fixed validation set) for --data/--n-train/--n-val, or None after
+    printing why (a missing or unreadable file)."""
+    try:
+        path = resolve_data(args.data)
+        train_images, val_images = split(load_images(path), args.n_train, args.n_val)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"{prog}: {err}", file=sys.stderr)
+        return None
+    return path, train_images, validation_set(val_images)
 
 
 def split(images: np.ndarray, n_train: int, n_val: int):
@@ -288,14 +295,11 @@ def main(argv=None) -> int:
         parser.error(str(err))
     if min(args.steps, args.seeds, args.samples, args.batch, args.k, args.n_train, args.n_val) < 1 or args.passes < 2:
         parser.error("--steps, --seeds, --samples, --batch, --k, --n-train, --n-val must be >= 1, --passes >= 2")
-    try:
-        path = resolve_data(args.data)
-        train_images, val_images = split(load_images(path), args.n_train, args.n_val)
-    except (FileNotFoundError, ValueError) as err:
-        print(f"vaepatch bench ou-collapse: {err}", file=sys.stderr)
+    loaded = load_data(args, "vaepatch bench ou-collapse")
+    if loaded is None:
         return 2
-    val = validation_set(val_images)
-    print(f"data: {path}: {len(train_images)} train (binarized afresh every batch) / {len(val_images)} validation "
+    path, train_images, val = loaded
+    print(f"data: {path}: {len(train_images)} train (binarized afresh every batch) / {len(val)} validation "
           f"(binarized once, seed 0); {args.steps} steps, batch {args.batch}, Adam {args.lr:g}, "
           f"{args.seeds} seed(s), {args.jobs} parallel job(s)", flush=True)
 
@@ -311,7 +315,7 @@ def main(argv=None) -> int:
     rows = summarize(runs, [name for name, _ in configs])
     header = (f"OU smoothing vs posterior collapse (Pervez & Gavves Table 1 / Fig. 2 at CPU scale): MLP "
               f"{'-'.join(map(str, latents))}, {args.steps} steps, mean ± sd over {args.seeds} seed(s); "
-              f"validation ELBO and L_{args.k} in nats on {len(val_images)} images")
+              f"validation ELBO and L_{args.k} in nats on {len(val)} images")
     lines = table_lines(rows, len(latents))
     footer = [f"corrected active units: Var_x of the mean over {args.passes} passes minus the mean within-image "
               f"variance / {args.passes} (unbiased for Var_x E[mu | x])", SCOPING_NOTE,
@@ -320,7 +324,7 @@ def main(argv=None) -> int:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    meta = dict(data=str(path), n_train=len(train_images), n_val=len(val_images), latents=latents, steps=args.steps,
+    meta = dict(data=str(path), n_train=len(train_images), n_val=len(val), latents=latents, steps=args.steps,
                 batch=args.batch, lr=args.lr, seeds=args.seeds, seed=args.seed, rhos=rhos, samples=args.samples,
                 base=Variant.parse(args.base).spec, k=args.k, passes=args.passes, threshold=ACTIVE_THRESHOLD,
                 jobs=args.jobs, wall_seconds=wall, torch=torch.__version__)

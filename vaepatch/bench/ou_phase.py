@@ -21,8 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from vaepatch.bench.ou_collapse import (ENV, DEFAULT_DATA, load_images, resolve_data, run_jobs, split,
-                                        validation_set)
+from vaepatch.bench.ou_collapse import ENV, DEFAULT_DATA, load_data, run_jobs
 from vaepatch.variant import Variant
 
 __all__ = ["critical_rho", "main"]
@@ -109,14 +108,11 @@ def main(argv=None) -> int:
         parser.error(f"--rhos needs at least two values in [0, 1], got {args.rhos!r}")
     if min(args.steps, args.seeds, args.samples, args.batch, args.k, args.n_train, args.n_val) < 1:
         parser.error("--steps, --seeds, --samples, --batch, --k, --n-train, --n-val must be >= 1")
-    try:
-        path = resolve_data(args.data)
-        train_images, val_images = split(load_images(path), args.n_train, args.n_val)
-    except (FileNotFoundError, ValueError) as err:
-        print(f"vaepatch bench phase: {err}", file=sys.stderr)
+    loaded = load_data(args, "vaepatch bench phase")
+    if loaded is None:
         return 2
-    val = validation_set(val_images)
-    print(f"data: {path}: {len(train_images)} train / {len(val_images)} validation; {len(rhos)} rho x {args.seeds} "
+    path, train_images, val = loaded
+    print(f"data: {path}: {len(train_images)} train / {len(val)} validation; {len(rhos)} rho x {args.seeds} "
           f"seed(s), {args.steps} steps each, K = {args.samples}, {args.jobs} parallel job(s)", flush=True)
 
     common = dict(base=args.base, samples=args.samples, latents=latents, steps=args.steps, batch=args.batch,
@@ -155,7 +151,7 @@ def main(argv=None) -> int:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    meta = dict(data=str(path), n_train=len(train_images), n_val=len(val_images), latents=latents, steps=args.steps,
+    meta = dict(data=str(path), n_train=len(train_images), n_val=len(val), latents=latents, steps=args.steps,
                 batch=args.batch, lr=args.lr, seeds=args.seeds, seed=args.seed, samples=args.samples,
                 base=Variant.parse(args.base).spec, k=args.k, floor=args.floor, wall_seconds=wall,
                 critical_rule="mean top KL first below half of its value at the lowest rho, linear interpolation")
