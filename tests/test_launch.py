@@ -78,11 +78,24 @@ def test_resumed_steps_are_not_logged_twice(tmp_path):
 def test_train_script_loads_without_its_guard_firing(tmp_path):
     script = tmp_path / "train.py"
     script.write_text("fired = []\ndef main():\n    fired.append(__name__)\n"
-                      "if __name__ == '__main__':\n    main()\n")
-    module = launch._load_train_module(script)
+                      "if __name__ == '__main__':\n    main()\n    fired.append('guard')\n"
+                      "if '__main__' == __name__:\n    fired.append('reversed guard')\n"
+                      "if __name__ == 'other':\n    fired.append('not a guard')\n")
+    module, guard = launch.load_script(script)
     assert module.fired == [] and module.__name__ == "__main__" and module.__file__ == str(script)
     module.main()
     assert module.fired == ["__main__"]
+    exec(guard, module.__dict__)  # the guard's body alone, in the module's namespace
+    assert module.fired == ["__main__", "__main__", "guard", "reversed guard"]
+
+
+def test_train_script_errors_keep_the_script_line_numbers(tmp_path):
+    script = tmp_path / "train.py"
+    script.write_text("x = 1\n\nif __name__ == '__main__':\n    y = 2\n    raise ValueError('line 5')\n")
+    module, guard = launch.load_script(script)
+    with pytest.raises(ValueError) as e:
+        exec(guard, module.__dict__)
+    assert e.traceback[-1].lineno + 1 == 5 and str(e.traceback[-1].path) == str(script)
 
 
 def test_cli_rejects_unknown_variant_and_stray_args(capsys):

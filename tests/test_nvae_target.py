@@ -441,12 +441,15 @@ def test_train_py_imports_under_the_shims_and_missing_packages_say_so(nvae):
         pytest.skip("torchvision and lmdb are installed here: their stand-ins are not in use")
     import datasets
     import lmdb
-    import train  # noqa: F401  (imports model, datasets, fid.fid_score, fid.inception)
+    import train  # imports model, datasets, fid.fid_score, fid.inception
     from torchvision.datasets.vision import VisionDataset
 
+    assert callable(train.main) and callable(train.init_processes)
     assert issubclass(datasets.StackedMNIST, sys.modules["torchvision.datasets"].MNIST)
     assert issubclass(sys.modules["thirdparty.lsun"].LSUNClass, VisionDataset)
-    with pytest.raises(compat.CompatError, match="torchvision.datasets.CIFAR10 was used.*torchvision"):
+    with pytest.raises(compat.CompatError, match="torchvision.datasets.MNIST was used.*torchvision"):
+        datasets.dset.MNIST(root="x", train=True, download=True)
+    with pytest.raises(FileNotFoundError, match="vaepatch make-data"):  # CIFAR10 works, and never downloads
         datasets.dset.CIFAR10(root="x", train=True, download=True)
     with pytest.raises(compat.CompatError, match="pip install lmdb"):
         lmdb.open("x")
@@ -539,3 +542,35 @@ def test_decoder_scale_on_logistic_pixels_warns(nvae):
     with pytest.warns(UserWarning, match="decoder scale is unused"):
         logits = model(cifar_like(2))[0]
     assert type(model.decoder_output(logits)).__name__ == "DiscMixLogistic"
+
+
+def test_cifar10_stand_in_feeds_nvae_loader_the_images_unchanged(nvae, tmp_path):
+    """NVAE's own cifar10 pipeline (CIFAR10 + RandomHorizontalFlip + ToTensor) on make-data's files."""
+    if compat._importable("torchvision"):
+        pytest.skip("torchvision is installed here: its stand-in is not in use")
+    import argparse
+
+    import datasets
+    from vaepatch import cifar_format
+
+    cifar_format.make(tmp_path, n_train=10, n_test=3, for_target="nvae")
+    train_images, _ = cifar_format.read(tmp_path, train=True)
+    args = argparse.Namespace(dataset="cifar10", data=str(tmp_path), batch_size=10, distributed=False)
+    train_queue, valid_queue, _ = datasets.get_loaders(args)
+    (valid_batch, labels), = list(valid_queue)
+    test_images, _ = cifar_format.read(tmp_path, train=False)
+    assert valid_batch.shape == (3, 3, 32, 32) and labels.tolist() == [0, 0, 0]
+    test_expected = torch.from_numpy(test_images).permute(0, 3, 1, 2).float() / 255
+    assert sorted(i for image in valid_batch for i in range(3) if torch.equal(image, test_expected[i])) == [0, 1, 2]
+    torch.manual_seed(0)
+    (batch, _), = list(train_queue)  # shuffled and randomly flipped: each image is one of the two
+    expected = torch.from_numpy(train_images).permute(0, 3, 1, 2).float() / 255
+    matched = set()
+    for image in batch:
+        hits = [i for i in range(10) if torch.equal(image, expected[i]) or torch.equal(image, expected[i].flip(-1))]
+        assert len(hits) >= 1
+        matched.update(hits)
+    assert len(matched) == 10
+    flipped = sum(any(torch.equal(image, expected[i].flip(-1)) and not torch.equal(image, expected[i])
+                      for i in range(10)) for image in batch)
+    assert 0 < flipped < 10  # p = 0.5 flips: some, not all (fails with probability 2 / 2**10)

@@ -302,7 +302,72 @@ def _install_torchvision_nvae() -> Callable[[], None]:
         if "." in name:
             parent, _, child = name.rpartition(".")
             setattr(modules[parent], child, module)
+    # What NVAE's default dataset needs, working: cifar10 = CIFAR10 + Compose(RandomHorizontalFlip, ToTensor)
+    modules["torchvision.datasets"].CIFAR10 = _Cifar10
+    for public, transform in (("Compose", _Compose), ("RandomHorizontalFlip", _RandomHorizontalFlip),
+                              ("ToTensor", _ToTensor)):
+        setattr(modules["torchvision.transforms"], public, transform)
     return _put_modules(modules)
+
+
+class _Cifar10:
+    """torchvision.datasets.CIFAR10 stand-in: reads ``root/cifar-10-batches-py`` (the real CIFAR-10 or
+    ``vaepatch make-data``) and never downloads; items are (transform(PIL image), label)."""
+
+    def __init__(self, root, train=True, transform=None, target_transform=None, download=False):
+        from vaepatch import cifar_format
+
+        self.data, self.targets = cifar_format.read(root, train)
+        self.transform, self.target_transform = transform, target_transform
+
+    def __len__(self):
+        return len(self.data)
+
+    def __getitem__(self, index):
+        from PIL import Image
+
+        image, label = Image.fromarray(self.data[index]), self.targets[index]
+        if self.transform is not None:
+            image = self.transform(image)
+        if self.target_transform is not None:
+            label = self.target_transform(label)
+        return image, label
+
+
+class _Compose:
+    def __init__(self, transforms):
+        self.transforms = list(transforms)
+
+    def __call__(self, image):
+        for transform in self.transforms:
+            image = transform(image)
+        return image
+
+
+class _RandomHorizontalFlip:
+    """Flips a PIL image left-right with probability ``p``, drawing from torch's RNG as torchvision does."""
+
+    def __init__(self, p=0.5):
+        self.p = p
+
+    def __call__(self, image):
+        import torch
+        from PIL import Image
+
+        return image.transpose(Image.FLIP_LEFT_RIGHT) if torch.rand(1) < self.p else image
+
+
+class _ToTensor:
+    """An 8-bit PIL image or HxWxC uint8 array to a float CxHxW tensor in [0, 1]."""
+
+    def __call__(self, image):
+        import numpy as np
+        import torch
+
+        array = np.array(image, dtype=np.uint8, copy=True)
+        if array.ndim == 2:
+            array = array[:, :, None]
+        return torch.from_numpy(array).permute(2, 0, 1).float().div(255)
 
 
 _ALL_REDUCE_SUM = []
@@ -407,6 +472,38 @@ def _install_sync_batchnorm_cpu() -> Callable[[], None]:
                     label="compat cpu sync batch norm")
 
 
+def _load_rejects_namespace() -> bool:
+    """torch >= 2.6 loads weights only by default and refuses an argparse.Namespace in a checkpoint."""
+    import argparse
+    import io
+
+    import torch
+
+    buffer = io.BytesIO()
+    torch.save({"args": argparse.Namespace(seed=1)}, buffer)
+    buffer.seek(0)
+    try:
+        torch.load(buffer, map_location="cpu")
+    except Exception:  # noqa: BLE001 - pickle.UnpicklingError, or whatever a future torch raises
+        return True
+    return False
+
+
+def _install_namespace_load() -> Callable[[], None]:
+    import argparse
+
+    from torch import serialization
+
+    saved = list(serialization.get_safe_globals())
+    serialization.add_safe_globals([argparse.Namespace])
+
+    def undo():
+        serialization.clear_safe_globals()
+        serialization.add_safe_globals(saved)
+
+    return undo
+
+
 NVAE_SHIMS = (
     Shim("tensorboardx-stub", "utils.py: from tensorboardX import SummaryWriter (module level; the stand-in writes nothing)",
          lambda cpu: not _importable("tensorboardX"), _install_tensorboardx),
@@ -414,10 +511,14 @@ NVAE_SHIMS = (
          lambda cpu: not _importable("lmdb"), _install_lmdb),
     Shim("torchvision-stub-nvae", "datasets.py: class StackedMNIST(dset.MNIST), thirdparty/lsun.py: "
          "class LSUNClass(VisionDataset), fid/inception.py: class FIDInceptionA(torchvision.models.inception.InceptionA) "
-         "(torchvision classes subclassed at import time)",
+         "(torchvision classes subclassed at import time); datasets.py cifar10: CIFAR10, Compose, RandomHorizontalFlip, "
+         "ToTensor work (CIFAR-10's python batches read from --data, never downloaded)",
          lambda cpu: not _importable("torchvision"), _install_torchvision_nvae),
     Shim("numpy-sum-generator", "utils.count_parameters_in_M (called by train.py): np.sum of a generator "
          "(deprecated since numpy 1.15, a TypeError now)", lambda cpu: _sum_rejects_generators(), _install_sum),
+    Shim("torch-load-namespace", "train.py --cont_training: torch.load of NVAE's checkpoint, which holds its "
+         "argparse.Namespace (torch >= 2.6 loads weights only by default: UnpicklingError); Namespace allowed",
+         lambda cpu: _load_rejects_namespace(), _install_namespace_load),
     Shim("cpu-cuda-calls", "Tensor.cuda()/Module.cuda() in model.py (sample, spectral_norm_parallel), distributions.py "
          "(DiscMixLogistic.sample), utils.py (kl_balancer_coeff, one_hot), neural_ar_operations.py (ARConv2d mask), train.py",
          _on_cpu, _install_cuda_calls),

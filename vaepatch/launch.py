@@ -10,6 +10,7 @@ logs and checkpoints go where they always go (``--save_dir``/``--desc``).
 from __future__ import annotations
 
 import argparse
+import ast
 import builtins
 import datetime
 import importlib
@@ -29,7 +30,7 @@ from vaepatch.events import EventWriter
 from vaepatch.patching import Patch, PatchSet
 from vaepatch.variant import Variant
 
-__all__ = ["LaunchError", "check_vdvae_args", "run_vdvae", "main"]
+__all__ = ["LaunchError", "check_vdvae_args", "run_vdvae", "load_script", "main"]
 
 
 class LaunchError(RuntimeError):
@@ -84,14 +85,31 @@ def _require_device(cpu: bool) -> None:
                           "and the small stress grid), or check CUDA_VISIBLE_DEVICES / the driver.")
 
 
-def _load_train_module(path: Path) -> types.ModuleType:
-    """Execute train.py's definitions without its ``__main__`` guard firing, so the launcher can
-    wrap ``training_step`` before ``main()`` runs; ``__name__`` is set to ``"__main__"`` after."""
+def _is_main_guard(node: ast.stmt) -> bool:
+    """``if __name__ == "__main__":`` (either quote style, either operand order)."""
+    if not (isinstance(node, ast.If) and isinstance(node.test, ast.Compare) and len(node.test.ops) == 1
+            and isinstance(node.test.ops[0], ast.Eq)):
+        return False
+    sides = [node.test.left, *node.test.comparators]
+    return ({type(side) for side in sides} == {ast.Name, ast.Constant}
+            and {getattr(side, "id", getattr(side, "value", None)) for side in sides} == {"__name__", "__main__"})
+
+
+def load_script(path: Path) -> tuple[types.ModuleType, types.CodeType]:
+    """Execute a script's definitions without its ``if __name__ == "__main__":`` block, so the
+    launcher can wrap functions before anything runs; returns the module (``__name__`` set to
+    ``"__main__"`` afterwards) and the block's body, compiled, for ``exec(guard, module.__dict__)``.
+    Line numbers in tracebacks are the script's own.
+    """
+    tree = ast.parse(path.read_text(), str(path))
+    guards = [node for node in tree.body if _is_main_guard(node)]
+    definitions = ast.Module([node for node in tree.body if node not in guards], type_ignores=[])
     module = types.ModuleType("__main__")
     module.__dict__.update(__file__=str(path), __builtins__=builtins, __name__="__vaepatch_train__")
-    exec(compile(path.read_text(), str(path), "exec"), module.__dict__)
+    exec(compile(definitions, str(path), "exec"), module.__dict__)
     module.__name__ = "__main__"
-    return module
+    guard = ast.Module([stmt for node in guards for stmt in node.body], type_ignores=[])
+    return module, compile(guard, str(path), "exec")
 
 
 class StepRecorder:
@@ -231,7 +249,7 @@ def run_vdvae(variant: str, out: str | os.PathLike, train_args: list[str], *, up
     try:
         handle = vaepatch.apply(resolved, target="vdvae", upstream=location, strict=strict, fuse=fuse)
         train_py = location / "train.py"
-        train = _load_train_module(train_py)
+        train, _ = load_script(train_py)  # its guard only calls main()
         hooks = PatchSet([
             Patch(train, "training_step", recorder.training_step(train.training_step)),
             Patch(train, "get_cpu_stats_over_ranks", recorder.stats_over_ranks(train.get_cpu_stats_over_ranks)),
@@ -273,7 +291,9 @@ def _destroy_process_group() -> None:
         pass
 
 
-USAGE = "vaepatch run vdvae --variant V --out DIR [--upstream PATH] [--cpu] [--max-steps N] [--fuse] -- <train.py args>"
+USAGE = ("vaepatch run vdvae --variant V --out DIR [--upstream PATH] [--cpu] [--max-steps N] [--fuse] -- <train.py args>\n"
+         "       vaepatch run nvae --variant V --out DIR [--upstream PATH] [--cpu] [--max-steps N] [--skip-nonfinite] "
+         "[--master-port P] -- <train.py args>")
 
 
 def main(argv=None) -> int:
@@ -285,21 +305,39 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         prog="vaepatch run", usage=USAGE,
         description="Run an upstream training script with a variant applied; every step goes to OUT/events.jsonl. "
-                    "Under MPI: mpiexec -n N vaepatch run vdvae ...")
-    parser.add_argument("target", choices=["vdvae"], help="which upstream (nvae: not yet)")
+                    "VDVAE under MPI: mpiexec -n N vaepatch run vdvae ...; NVAE starts its own processes "
+                    "(--num_process_per_node N after `--`).")
+    parser.add_argument("target", choices=["vdvae", "nvae"], help="which upstream")
     parser.add_argument("--variant", required=True, help="built-in name (vaepatch variants), TOML path or inline spec")
     parser.add_argument("--out", required=True, help="run directory: run.json and events.jsonl go here")
-    parser.add_argument("--upstream", help="path of the clone (default: $VAEPATCH_VDVAE, then third_party/vdvae)")
+    parser.add_argument("--upstream", help="path of the clone (default: $VAEPATCH_VDVAE / $VAEPATCH_NVAE, "
+                                           "then third_party/<target>)")
     parser.add_argument("--cpu", action="store_true", help="run on CPU (gloo, no .cuda()); for smoke tests")
     parser.add_argument("--max-steps", type=int, help="stop cleanly after this global step count")
-    parser.add_argument("--fuse", action="store_true", default=None, help="torch.compile the patched block math")
+    parser.add_argument("--fuse", action="store_true", default=None, help="vdvae: torch.compile the patched block math")
+    parser.add_argument("--skip-nonfinite", action="store_true",
+                        help="nvae: skip the update when the loss is non-finite, as VDVAE does (off: NVAE's own behaviour)")
+    parser.add_argument("--master-port", type=int, help="nvae: port for the process group (NVAE fixes 6020)")
     parser.add_argument("--no-strict", action="store_true", help="patch a clone that differs from the pin (warns)")
     args, extra = parser.parse_known_args(argv)
     if extra:
         parser.error(f"unrecognized arguments {' '.join(extra)}: arguments for train.py go after `--`")
+    only = {"fuse": ("vdvae", "--fuse"), "skip_nonfinite": ("nvae", "--skip-nonfinite"),
+            "master_port": ("nvae", "--master-port")}
+    for key, (target, flag) in only.items():
+        if getattr(args, key) not in (None, False) and args.target != target:
+            parser.error(f"{flag} is for `vaepatch run {target}`" + (
+                " (VDVAE already skips non-finite losses itself)" if key == "skip_nonfinite" else ""))
     try:
-        manifest = run_vdvae(args.variant, args.out, train_args, upstream_path=args.upstream, cpu=args.cpu,
-                             max_steps=args.max_steps, fuse=args.fuse, strict=not args.no_strict)
+        if args.target == "vdvae":
+            manifest = run_vdvae(args.variant, args.out, train_args, upstream_path=args.upstream, cpu=args.cpu,
+                                 max_steps=args.max_steps, fuse=args.fuse, strict=not args.no_strict)
+        else:
+            from vaepatch.launch_nvae import run_nvae
+
+            manifest = run_nvae(args.variant, args.out, train_args, upstream_path=args.upstream, cpu=args.cpu,
+                                max_steps=args.max_steps, strict=not args.no_strict,
+                                skip_nonfinite=args.skip_nonfinite, master_port=args.master_port)
     except (LaunchError, upstream.UpstreamError, compat.CompatError) as e:
         print(f"vaepatch run: {e}", file=sys.stderr)
         return 2

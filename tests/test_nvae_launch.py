@@ -1,0 +1,107 @@
+"""`vaepatch run nvae` on the real NVlabs/NVAE train.py, on CPU, with a CIFAR-format dataset.
+
+Needs the clone ($VAEPATCH_NVAE or third_party/nvae); without it every test here is skipped
+with the reason. Each run is its own process (NVAE's module names would clash with other tests).
+"""
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from vaepatch import cifar_format, events
+from vaepatch.bench.vdvae_stress import free_port
+from tests.nvae_support import nvae_clone
+
+CLONE, WHY_NOT = nvae_clone()
+pytestmark = pytest.mark.skipif(CLONE is None, reason=f"SKIPPED, needs a real clone: {WHY_NOT}")
+REPO = Path(__file__).resolve().parents[1]
+# NVAE's smallest model on its default cifar10 input; 64 training images of batch 8 = 8 steps an epoch
+TINY = ["--dataset", "cifar10", "--batch_size", "8", "--warmup_epochs", "0", "--num_channels_enc", "4",
+        "--num_channels_dec", "4", "--num_latent_scales", "2", "--num_groups_per_scale", "2",
+        "--num_latent_per_group", "2", "--num_preprocess_blocks", "1", "--num_preprocess_cells", "1",
+        "--num_postprocess_blocks", "1", "--num_postprocess_cells", "1", "--num_mixture_dec", "1", "--use_se"]
+STEPS_PER_EPOCH = 8
+ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return cifar_format.make(tmp_path_factory.mktemp("cifar"), n_train=8 * STEPS_PER_EPOCH, n_test=4, for_target="nvae")
+
+
+def _run(out, data, variant="vanilla", epochs=1, launcher=(), extra=()):
+    command = [sys.executable, "-m", "vaepatch", "run", "nvae", "--variant", variant, "--out", str(out), "--cpu",
+               "--upstream", str(CLONE), "--master-port", str(free_port()), *launcher, "--",
+               *TINY, "--data", str(data), "--root", str(out / "nvae"), "--save", "t", "--epochs", str(epochs), *extra]
+    return subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=400)
+
+
+def _manifest(out):
+    return json.loads((out / "run.json").read_text())
+
+
+def _nvae_train_nelbo(out):
+    """NVAE's own per-epoch training loss, from its log: the mean of the step losses."""
+    return [float(v) for v in re.findall(r"train_nelbo ([-\d.naif]+)", (out / "nvae" / "eval-t" / "log.txt").read_text())]
+
+
+def test_every_step_logged_matches_nvae_own_epoch_loss(tmp_path, data):
+    out = tmp_path / "run"
+    result = _run(out, data, epochs=1)
+    assert result.returncode == 0, result.stderr[-3000:]
+    log = events.read(out)
+    assert [(e["step"], e["rank"]) for e in log.events] == [(s, 0) for s in range(STEPS_PER_EPOCH)]
+    assert all(e["finite"] and not e["skipped"] and e["grad_norm"] > 0 for e in log.events)
+    (nelbo,) = _nvae_train_nelbo(out)
+    assert sum(e["loss"] for e in log.events) / STEPS_PER_EPOCH == pytest.approx(nelbo, rel=1e-5)
+    manifest = _manifest(out)
+    assert (manifest["target"], manifest["status"], manifest["loss_unit"]) == ("nvae", "completed", "nats/image")
+    assert manifest["world_size"] == 1 and manifest["upstream_logdir"] == str(out / "nvae" / "eval-t")
+    assert "cpu-sync-batchnorm" in [s["name"] for s in manifest["compat"]]
+
+
+def test_continuing_from_nvae_checkpoint_logs_no_step_twice(tmp_path, data):
+    out = tmp_path / "run"
+    stopped = _run(out, data, epochs=2, launcher=["--max-steps", "12"])  # dies mid-epoch 2; checkpoint at step 8
+    assert stopped.returncode == 0, stopped.stderr[-3000:]
+    fresh = _run(out, data, epochs=2)  # starting over would mix two trajectories in one file
+    assert fresh.returncode == 2 and "mix two trajectories" in fresh.stderr
+    more = _run(out, data, epochs=2, extra=["--cont_training"])  # NVAE's own restart re-runs steps 8..15
+    assert more.returncode == 0, more.stderr[-3000:]
+    log = events.read(out)
+    assert [e["step"] for e in log.events] == list(range(2 * STEPS_PER_EPOCH)) and log.duplicates == 0
+    sessions = _manifest(out)["sessions"]
+    assert [(s["status"], s["steps_logged"]) for s in sessions] == [("stopped at --max-steps 12", 12),
+                                                                     ("completed", 4)]
+    assert "torch-load-namespace" in [s["name"] for s in _manifest(out)["compat"]]
+
+
+def test_the_variant_reaches_every_process_nvae_starts(tmp_path, data):
+    runs = {}
+    for variant in ("vanilla", "upbounded1-cst1", "upbounded1-cst1"):
+        out = tmp_path / f"{variant}-{len(runs)}"
+        result = _run(out, data, variant=variant, launcher=["--max-steps", "2"], extra=["--num_process_per_node", "2"])
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert _manifest(out)["status"] == "stopped at --max-steps 2" and _manifest(out)["world_size"] == 2
+        log = events.read(out)
+        assert sorted((e["step"], e["rank"]) for e in log.events) == [(0, 0), (0, 1), (1, 0), (1, 1)]
+        by_step = {}
+        for e in log.events:
+            by_step.setdefault(e["step"], set()).add(e["grad_norm"])
+        assert all(len(norms) == 1 for norms in by_step.values())  # gradients averaged over the two processes
+        runs[out.name] = {(e["step"], e["rank"]): e["loss"] for e in log.events}
+    vanilla, patched, again = runs.values()
+    assert patched == again  # same seed, same variant: the same run
+    assert all(patched[key] != vanilla[key] for key in vanilla)  # each process ran the patched model
+
+
+def test_a_crash_is_recorded_with_its_cause(tmp_path, data):
+    out = tmp_path / "run"
+    result = _run(out, tmp_path / "no-data", epochs=1)
+    assert result.returncode != 0
+    status = _manifest(out)["status"]
+    assert status.startswith("crashed: FileNotFoundError") and "vaepatch make-data" in status
