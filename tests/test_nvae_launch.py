@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from vaepatch import cifar_format, events
+from vaepatch import cifar_format, events, report
 from vaepatch.bench.vdvae_stress import free_port
 from tests.nvae_support import nvae_clone
 
@@ -62,6 +62,14 @@ def test_every_step_logged_matches_nvae_own_epoch_loss(tmp_path, data):
     assert (manifest["target"], manifest["status"], manifest["loss_unit"]) == ("nvae", "completed", "nats/image")
     assert manifest["world_size"] == 1 and manifest["upstream_logdir"] == str(out / "nvae" / "eval-t")
     assert "cpu-sync-batchnorm" in [s["name"] for s in manifest["compat"]]
+    # compare reads NVAE's own validation NELBO, and converts it to bits/dim with NVAE's own factor
+    text = (out / "nvae" / "eval-t" / "log.txt").read_text()
+    final = float(re.search(r"final valid nelbo (\S+)", text).group(1))
+    epoch_nelbo = float(re.search(r"valid_nelbo (\S+)", text).group(1))
+    epoch_bpd = float(re.search(r"valid bpd elbo (\S+)", text).group(1))
+    run = report.load_run(out)
+    assert run.eval_final == final and run.eval_best == min(final, epoch_nelbo)
+    assert run.bits_per_dim == pytest.approx(final * epoch_bpd / epoch_nelbo, rel=1e-5)
 
 
 def test_continuing_from_nvae_checkpoint_logs_no_step_twice(tmp_path, data):

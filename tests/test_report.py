@@ -167,3 +167,25 @@ def test_plot_writes_a_png(tmp_path, capsys):
     png = tmp_path / "fig" / "cmp.png"
     code, _, err = _compare(capsys, tmp_path / "runs", "--plot", png)
     assert code == 0 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and str(png) in err
+
+
+def test_nvae_eval_loss_and_bits_per_dim_come_from_nvae_log(tmp_path, capsys):
+    logdir = tmp_path / "nvae" / "eval-x"
+    logdir.mkdir(parents=True)
+    (logdir / "log.txt").write_text(
+        "11/21 06:05:58 PM (Elapsed: 00:00:02) train_nelbo 3447.074951\n"
+        "11/21 06:05:58 PM (Elapsed: 00:00:02) valid_nelbo 2829.989746\n"
+        "11/21 06:05:58 PM (Elapsed: 00:00:02) valid bpd elbo 1.329040\n"
+        "11/21 06:06:00 PM (Elapsed: 00:00:04) valid_nelbo nan\n"
+        "11/21 06:06:20 PM (Elapsed: 00:00:24) final valid nelbo 2800.5\n")
+    _run(tmp_path / "runs", "r", "explin", 0, [(3000.0, False, None), (3100.0, True, "amp"), (NAN, True, "nan")], target="nvae",
+         upstream_logdir=str(logdir), loss_unit="nats/image", dims_per_image=3072)
+    run = report.load_run(tmp_path / "runs" / "r")
+    assert (run.eval_final, run.eval_best) == (2800.5, 2800.5)
+    assert run.bits_per_dim == pytest.approx(2800.5 / math.log(2) / 3072)
+    s = json.loads(_compare(capsys, tmp_path / "runs", "--format", "json")[1])[0]
+    assert s["amp_skips"]["mean"] == 1 and s["nan_steps"]["mean"] == 1
+    assert s["bits_per_dim"]["mean"] == pytest.approx(2800.5 / math.log(2) / 3072)
+    without_dims = _run(tmp_path / "more", "r", "explin", 0, [(1.0, False, None)], target="nvae",
+                        upstream_logdir=str(logdir), loss_unit="nats/image")
+    assert report.load_run(without_dims).bits_per_dim is None  # no unit conversion without the dimension count

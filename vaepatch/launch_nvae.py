@@ -292,6 +292,7 @@ def run_nvae(variant: str, out: str | os.PathLike, train_args: list[str], *, ups
         _check_args(args, out)
         manifest.update(
             seed=args.seed, world_size=args.num_proc_node * args.num_process_per_node,
+            dims_per_image=int(process.train.utils.num_output(args.dataset)),
             device="cpu" if cpu else "cuda", compat=[{"name": s.name, "fixes": s.fixes} for s in process.shims.shims],
             max_steps=max_steps, skip_nonfinite=skip_nonfinite,
             master_port=master_port if master_port is not None else UPSTREAM_MASTER_PORT,

@@ -2,7 +2,8 @@
 
 Reads only what runs left on disk: each run directory's ``run.json`` and ``events.jsonl``
 (written by ``vaepatch run`` and ``vaepatch demo``), the upstream's own eval records for the
-eval loss, and — for VDVAE runs made without the launcher — VDVAE's ``log.jsonl``. A missing,
+eval loss (VDVAE's ``log.jsonl``, NVAE's ``log.txt``), and — for VDVAE runs made without the
+launcher — VDVAE's ``log.jsonl``. A missing,
 unreadable or truncated file is listed under ``problems`` with the reason; it never crashes the
 report and is never silently dropped.
 """
@@ -12,6 +13,7 @@ import csv
 import io
 import json
 import math
+import re
 import statistics
 import sys
 from dataclasses import dataclass, field
@@ -23,6 +25,9 @@ __all__ = ["Run", "load_run", "find_runs", "summarize", "render", "plot", "main"
 
 FINAL_FRACTION = 0.1  # "final loss": mean finite loss over the last 10% of logged steps
 VDVAE_LOG = "log.jsonl"
+NVAE_LOG = "log.txt"
+# NVAE's log lines for the validation NELBO (nats/image): after each eval epoch, and the final one
+_NVAE_EVAL = re.compile(r"\b(?:final valid nelbo|valid_nelbo) (\S+)")
 VDVAE_WINDOW_NOTE = (
     "counted from VDVAE's own train_loss records: their skipped_updates/nan fields are sums over the "
     "last iters_per_print steps, and the windows overlap (extra records at early steps and at each save). "
@@ -46,15 +51,20 @@ class Run:
     eval_final: float | None = None
     eval_best: float | None = None
     loss_unit: str | None = None
+    dims_per_image: int | None = None  # for a loss in nats/image (NVAE): bits/dim = loss / ln 2 / dims
     curve: list = field(default_factory=list, repr=False)  # (step, loss or None, skipped) per step
     problems: list[str] = field(default_factory=list)
 
     @property
     def bits_per_dim(self) -> float | None:
-        """Final eval loss in bits/dim, when the run says its loss is in nats per dimension."""
-        if self.eval_final is None or self.loss_unit != "nats/dim":
+        """Final eval loss in bits/dim, when the run says its unit (nats/dim, or nats/image and the dims)."""
+        if self.eval_final is None:
             return None
-        return self.eval_final / math.log(2)
+        if self.loss_unit == "nats/dim":
+            return self.eval_final / math.log(2)
+        if self.loss_unit == "nats/image" and self.dims_per_image:
+            return self.eval_final / math.log(2) / self.dims_per_image
+        return None
 
 
 def _final_loss(curve) -> float | None:
@@ -114,6 +124,21 @@ def _eval_losses(log: Path, run: Run) -> None:
         run.eval_best = min(finite) if finite else None
 
 
+def _nvae_eval_losses(log: Path, run: Run) -> None:
+    if not log.is_file():
+        return
+    evals = []
+    for value in _NVAE_EVAL.findall(log.read_text(errors="replace")):
+        try:
+            evals.append(float(value))
+        except ValueError:
+            run.problems.append(f"{log}: unreadable validation NELBO {value!r}")
+    finite = [v for v in evals if math.isfinite(v)]
+    if evals:
+        run.eval_final = evals[-1] if math.isfinite(evals[-1]) else None
+        run.eval_best = min(finite) if finite else None
+
+
 def _from_vdvae_log(path: Path, run: Run) -> None:
     """Fill counts from VDVAE's own log.jsonl (de-duplicated windows; see VDVAE_WINDOW_NOTE)."""
     records = _read_jsonl_lenient(path / VDVAE_LOG, run.problems)
@@ -166,8 +191,13 @@ def load_run(path) -> Run:
     run.status = manifest.get("status", "unknown")
     if run.status == "running":
         run.status = "running, or killed (no end recorded)"
+    run.dims_per_image = manifest.get("dims_per_image")
     if manifest.get("upstream_logdir"):
-        _eval_losses(Path(manifest["upstream_logdir"]) / VDVAE_LOG, run)
+        logdir = Path(manifest["upstream_logdir"])
+        if manifest.get("target") == "nvae":
+            _nvae_eval_losses(logdir / NVAE_LOG, run)
+        else:
+            _eval_losses(logdir / VDVAE_LOG, run)
     try:
         log = _events.read(path)
     except FileNotFoundError as e:
