@@ -1,6 +1,8 @@
 """The NVAE launcher's step recording without a clone: NVAE's loop shape (data queue, autocast
 GradScaler scale/step/update) driven on a toy model with a real torch GradScaler, on CPU."""
 import math
+import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -143,3 +145,9 @@ def test_cli_names_a_missing_nvae_clone_and_an_unsupported_ou(tmp_path, capsys):
     assert "nowhere" in err
     assert cli(["run", "nvae", "--variant", "explin,ou=0.9x5", "--out", str(tmp_path / "r")]) == 2
     assert "OU smoothing for NVAE is not implemented" in capsys.readouterr().err
+
+
+def test_script_without_data_says_where_to_get_it(tmp_path):
+    result = subprocess.run(["bash", str(Path(__file__).resolve().parents[1] / "run_scripts" / "nvae_cifar.sh"), "--out", str(tmp_path)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "cifar-10-python.tar.gz" in result.stderr and "--smoke" in result.stderr

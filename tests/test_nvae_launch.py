@@ -113,3 +113,22 @@ def test_a_crash_is_recorded_with_its_cause(tmp_path, data):
     assert result.returncode != 0
     status = _manifest(out)["status"]
     assert status.startswith("crashed: FileNotFoundError") and "vaepatch make-data" in status
+
+
+def test_smoke_script_runs_nvae_end_to_end_then_skips_what_completed(tmp_path):
+    out = tmp_path / "smoke"
+    script = ["bash", str(REPO / "run_scripts" / "nvae_cifar.sh"), "--smoke", "--variants", "upbounded1-cst1",
+              "--out", str(out), "--upstream", str(CLONE), "--port", str(free_port())]
+    env = dict(ENV, PYTHON=sys.executable)
+    result = subprocess.run(script, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    table = result.stdout[result.stdout.index("| variant |"):]
+    assert "| upbounded1-cst1 | 1 | 8 | 0 |" in table
+    run = out / "upbounded1-cst1-seed0"
+    manifest = _manifest(run)
+    assert manifest["status"] == "completed" and "--res_dist" in manifest["argv"]
+    assert [e["step"] for e in events.read(run).events] == list(range(STEPS_PER_EPOCH))
+    assert "final valid nelbo" in (run / "nvae" / "eval-upbounded1-cst1-seed0" / "log.txt").read_text()
+    again = subprocess.run(script, env=env, capture_output=True, text=True, timeout=300)
+    assert "completed earlier, skipped" in again.stdout
+
