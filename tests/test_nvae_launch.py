@@ -95,6 +95,7 @@ def test_the_variant_reaches_every_process_nvae_starts(tmp_path, data):
         result = _run(out, data, variant=variant, launcher=["--max-steps", "2"], extra=["--num_process_per_node", "2"])
         assert result.returncode == 0, result.stderr[-3000:]
         assert _manifest(out)["status"] == "stopped at --max-steps 2" and _manifest(out)["world_size"] == 2
+        assert _manifest(out)["sessions"][-1]["exit_codes"] == {"0": 75, "1": 75}  # both stopped at --max-steps
         log = events.read(out)
         assert sorted((e["step"], e["rank"]) for e in log.events) == [(0, 0), (0, 1), (1, 0), (1, 1)]
         by_step = {}

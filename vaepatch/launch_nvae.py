@@ -335,7 +335,11 @@ def run_nvae(variant: str, out: str | os.PathLike, train_args: list[str], *, ups
     finally:
         sys.argv = saved_argv
         process.undo()
-        session.update(status=status, ended=_now(), steps_logged=process.recorder.logged)
+        session.update(status=status, ended=_now())
+        if state["processes"]:  # each spawned process logged its own steps; here, how each one ended
+            session["exit_codes"] = {str(rank): child.exitcode for rank, child in state["processes"]}
+        else:
+            session["steps_logged"] = process.recorder.logged
         manifest.update(status=status, ended=session["ended"])
         if state["writes_manifest"]:
             _write_manifest(manifest_path, manifest)
