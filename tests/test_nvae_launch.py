@@ -133,3 +133,8 @@ def test_smoke_script_runs_nvae_end_to_end_then_skips_what_completed(tmp_path):
     again = subprocess.run(script, env=env, capture_output=True, text=True, timeout=300)
     assert "completed earlier, skipped" in again.stdout
 
+
+
+def test_continuing_without_a_checkpoint_is_caught_before_nvae_starts(tmp_path, data):
+    result = _run(tmp_path / "run", data, extra=["--cont_training"])
+    assert result.returncode == 2 and "no checkpoint at" in result.stderr and "checkpoint.pt" in result.stderr
