@@ -23,27 +23,10 @@ usage() { sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'; echo
   echo "options: --variants A,B --seeds 0,1,2 --gpus N --epochs E --data DIR --out DIR"
   echo "         --upstream PATH --port BASE --skip-nonfinite --smoke   [-- train.py args]"; }
 
-PYTHON=${PYTHON:-python}
-VARIANTS="vanilla,upbounded1,explin,vanilla-cst1,upbounded1-cst1,explin-cst1"
-SEEDS="" GPUS="" EPOCHS="" DATA="" OUT="" UPSTREAM="" SMOKE=0 PORT_BASE=6020 EXTRA=()
-RUN_OPTS=()
-while [ $# -gt 0 ]; do
-  case "$1" in
-    --variants) VARIANTS=$2; shift 2 ;;
-    --seeds) SEEDS=$2; shift 2 ;;
-    --gpus) GPUS=$2; shift 2 ;;
-    --epochs) EPOCHS=$2; shift 2 ;;
-    --data) DATA=$2; shift 2 ;;
-    --out) OUT=$2; shift 2 ;;
-    --upstream) UPSTREAM=$2; shift 2 ;;
-    --port) PORT_BASE=$2; shift 2 ;;
-    --skip-nonfinite) RUN_OPTS+=(--skip-nonfinite); shift ;;
-    --smoke) SMOKE=1; shift ;;
-    -h|--help) usage; exit 0 ;;
-    --) shift; EXTRA=("$@"); break ;;
-    *) echo "nvae_cifar.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
-  esac
-done
+. "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+PORT_BASE=6020
+own_option() { [ "$1" = --skip-nonfinite ] && RUN_OPTS+=(--skip-nonfinite); }
+parse_options nvae_cifar.sh "$@"
 
 TRAIN_OPTS=(--dataset cifar10)
 if [ "$SMOKE" = 1 ]; then
@@ -60,11 +43,7 @@ if [ "$SMOKE" = 1 ]; then
     --num_postprocess_blocks 1 --num_postprocess_cells 1 --num_mixture_dec 1 --use_se --res_dist)
 else
   SEEDS=${SEEDS:-0,1,2} GPUS=${GPUS:-8} EPOCHS=${EPOCHS:-400} OUT=${OUT:-runs/nvae_cifar}
-  if [ -z "$DATA" ] || [ ! -d "$DATA/cifar-10-batches-py" ]; then
-    echo "nvae_cifar.sh: --data must be the folder holding cifar-10-batches-py/ (got '${DATA}')." >&2
-    echo "  get it: https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz, or try --smoke" >&2
-    exit 2
-  fi
+  require_cifar nvae_cifar.sh
   # the NVAE README's CIFAR-10 command
   TRAIN_OPTS+=(--num_channels_enc 128 --num_channels_dec 128 --num_postprocess_cells 2 --num_preprocess_cells 2
     --num_latent_scales 1 --num_latent_per_group 20 --num_cell_per_cond_enc 2 --num_cell_per_cond_dec 2
@@ -73,36 +52,20 @@ else
 fi
 [ -n "$UPSTREAM" ] && RUN_OPTS+=(--upstream "$UPSTREAM")
 
-mkdir -p "$OUT"
-index=0
-IFS=, read -r -a variant_list <<< "$VARIANTS"
-IFS=, read -r -a seed_list <<< "$SEEDS"
-for variant in "${variant_list[@]}"; do
-  for seed in "${seed_list[@]}"; do
-    name="$variant-seed$seed"
-    run="$OUT/$name"
-    port=$((PORT_BASE + index)); index=$((index + 1))
-    if [ -f "$run/run.json" ] && grep -q '"status": "completed"' "$run/run.json"; then
-      echo "== $name: completed earlier, skipped"; continue
-    fi
-    ckpt="$run/nvae/eval-$name/checkpoint.pt"
-    CONTINUE=()
-    if [ -f "$ckpt" ]; then
-      echo "== $name: continuing from $ckpt"
-      CONTINUE=(--cont_training)
-    elif [ -e "$run" ]; then
-      aside="$run.interrupted-$(date +%Y%m%d-%H%M%S)"
-      echo "== $name: an earlier attempt stopped before its first checkpoint; kept as $aside, starting over"
-      mv "$run" "$aside"
-    fi
-    echo "== $name: vaepatch run nvae --variant $variant --out $run (processes: $GPUS)"
-    "$PYTHON" -m vaepatch run nvae --variant "$variant" --out "$run" --master-port "$port" "${RUN_OPTS[@]}" -- \
-      "${TRAIN_OPTS[@]}" --seed "$seed" --epochs "$EPOCHS" --num_process_per_node "$GPUS" --data "$DATA" \
-      --root "$run/nvae" --save "$name" "${CONTINUE[@]}" "${EXTRA[@]}" \
-      || echo "== $name: exited with status $? (its logged steps are kept; re-run to continue)"
-  done
-done
+run_one() {
+  local variant=$1 seed=$2 name=$3 run=$4 port=$5
+  local ckpt="$run/nvae/eval-$name/checkpoint.pt" CONTINUE=()
+  if [ -f "$ckpt" ]; then
+    echo "== $name: continuing from $ckpt"
+    CONTINUE=(--cont_training)
+  elif [ -e "$run" ]; then
+    move_aside "$run" "$name"
+  fi
+  echo "== $name: vaepatch run nvae --variant $variant --out $run (processes: $GPUS)"
+  "$PYTHON" -m vaepatch run nvae --variant "$variant" --out "$run" --master-port "$port" "${RUN_OPTS[@]}" -- \
+    "${TRAIN_OPTS[@]}" --seed "$seed" --epochs "$EPOCHS" --num_process_per_node "$GPUS" --data "$DATA" \
+    --root "$run/nvae" --save "$name" "${CONTINUE[@]}" "${EXTRA[@]}"
+}
 
-echo
-echo "== NaN steps and skipped updates per variant (from each run's events.jsonl)"
-"$PYTHON" -m vaepatch compare "$OUT"
+for_each_run run_one
+compare_table

@@ -175,6 +175,16 @@ def _read_manifest(path: Path) -> dict | None:
         raise LaunchError(f"{path} exists but is not readable JSON ({e}); move it aside or use another --out") from None
 
 
+def previous_manifest(out: Path, variant: Variant) -> dict | None:
+    """The run.json already in ``out``, if any; refuses one made with another variant."""
+    previous = _read_manifest(out / "run.json")
+    if previous is not None and previous.get("variant_spec") != variant.spec:
+        raise LaunchError(f"{out} already holds a run of variant {previous.get('variant')!r} "
+                          f"({previous.get('variant_spec')}); use another --out, or --variant "
+                          f"{previous.get('variant')!r} to continue that run")
+    return previous
+
+
 def _write_manifest(path: Path, manifest: dict) -> None:
     """Atomic replace: a crash while writing never leaves a half-written run.json."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -208,11 +218,7 @@ def run_vdvae(variant: str, out: str | os.PathLike, train_args: list[str], *, up
     rank, world = comm.Get_rank(), comm.Get_size()
     out = Path(out).resolve()
     manifest_path = out / "run.json"
-    previous = _read_manifest(manifest_path)
-    if previous is not None and previous.get("variant_spec") != resolved.spec:
-        raise LaunchError(f"{out} already holds a run of variant {previous.get('variant')!r} "
-                          f"({previous.get('variant_spec')}); use another --out, or --variant "
-                          f"{previous.get('variant')!r} to continue that run")
+    previous = previous_manifest(out, resolved)
     comm.Barrier()  # every rank has checked the old manifest before rank 0 rewrites it
 
     writer = EventWriter(out / "events.jsonl", rank=rank)

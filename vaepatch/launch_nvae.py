@@ -32,8 +32,8 @@ from pathlib import Path
 import vaepatch
 from vaepatch import compat, events, upstream
 from vaepatch.events import EventWriter
-from vaepatch.launch import (LaunchError, StopAtMaxSteps, _destroy_process_group, _now, _read_manifest,
-                             _require_device, _write_manifest, load_script)
+from vaepatch.launch import (LaunchError, StopAtMaxSteps, _destroy_process_group, _now, _require_device,
+                             _write_manifest, load_script, previous_manifest)
 from vaepatch.patching import Patch, PatchSet
 from vaepatch.variant import Variant
 
@@ -270,11 +270,7 @@ def run_nvae(variant: str, out: str | os.PathLike, train_args: list[str], *, ups
     _require_device(cpu)
     out = Path(out).resolve()
     manifest_path = out / "run.json"
-    previous = _read_manifest(manifest_path)
-    if previous is not None and previous.get("variant_spec") != resolved.spec:
-        raise LaunchError(f"{out} already holds a run of variant {previous.get('variant')!r} "
-                          f"({previous.get('variant_spec')}); use another --out, or --variant "
-                          f"{previous.get('variant')!r} to continue that run")
+    previous = previous_manifest(out, resolved)
     setup = Setup(resolved, str(out), str(location), cpu, strict, max_steps, skip_nonfinite, master_port)
     manifest = previous or {
         "target": "nvae", "variant": str(variant), "variant_spec": resolved.spec,
