@@ -9,6 +9,7 @@ commands:
   demo             the stability reproduction in minutes on a CPU: 4 encoder scales x 5 seeds, table + figure
   bench numerics   the paper's Table 1: where each KL implementation stops being finite
   bench vdvae-step-time  training-step time of the real openai/vdvae, patched / vanilla (needs a clone)
+  bench nvae-step-time  training-step time of the real NVlabs/NVAE on CPU, patched / vanilla (needs a clone)
   bench vdvae-stress  six variants x 3 seeds of the real openai/vdvae on CPU at a breaking lr (needs a clone)
   bench overfit    Dehaene & Brossard Table 2 at CPU scale: conv VAE, encoder x decoder scales x LRs
   bench decoder-variance  their Table 3 at CPU scale: MNIST MLP VAE, decoded scale parameterizations
@@ -37,6 +38,7 @@ def _variants(argv) -> int:
 
 def _bench(argv) -> int:
     benches = {"numerics": "vaepatch.bench.numerics", "vdvae-step-time": "vaepatch.bench.vdvae_steptime",
+               "nvae-step-time": "vaepatch.bench.nvae_steptime",
                "vdvae-stress": "vaepatch.bench.vdvae_stress", "overfit": "vaepatch.bench.overfit",
                "decoder-variance": "vaepatch.bench.decoder_variance", "ou-collapse": "vaepatch.bench.ou_collapse",
                "phase": "vaepatch.bench.ou_phase", "ou-cost": "vaepatch.bench.ou_cost"}

@@ -7,10 +7,11 @@ so drift in the machine's speed hits both alike; the ratio is median patched / m
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 
 import torch
+
+from vaepatch.bench import steptime
 
 ONE_BLOCK_PER_RESOLUTION = dict(
     dec_blocks="1x1,4m1,8m4,16m8,32m16",
@@ -60,7 +61,6 @@ def _step(model, optimizer, x):
 def measure(variant="upbounded1", steps=30, warmup=5, threads=None, seed=0, fuse=False):
     """Median step seconds for vanilla and the variant, interleaved, and their ratio."""
     import vaepatch
-    from tqdm import tqdm
 
     if threads:
         torch.set_num_threads(threads)
@@ -73,20 +73,14 @@ def measure(variant="upbounded1", steps=30, warmup=5, threads=None, seed=0, fuse
         x, _ = cifar_like_batch(H.n_batch, seed)
         _, twin = tiny_vae(seed)  # not deepcopy: upstream's z_fn/final_fn lambdas would still point at `model`
         twin.load_state_dict(model.state_dict())
-        models = {"vanilla": model, variant: twin}  # same weights, same batch
+        models = {"vanilla": model, "patched": twin}  # same weights, same batch
         optimizers = {name: torch.optim.SGD(m.parameters(), lr=1e-6) for name, m in models.items()}
-        times = {name: [] for name in models}
-        for i in tqdm(range(warmup + steps), desc=f"vanilla vs {variant}{' (fused)' if fuse else ''}", unit="pair"):
-            for name, m in models.items():
-                patchset.revert() if name == "vanilla" else patchset.apply()
-                dt = _step(m, optimizers[name], x)
-                if i >= warmup:
-                    times[name].append(dt)
+        step_fns = {name: (lambda i, m=m, opt=optimizers[name]: _step(m, opt, x)) for name, m in models.items()}
+        med = steptime.interleaved(patchset, step_fns, steps, warmup,
+                                   desc=f"vanilla vs {variant}{' (fused)' if fuse else ''}")
     finally:
         vaepatch.revert("vdvae")
-    med = {name: statistics.median(ts) for name, ts in times.items()}
-    return {"variant": variant, "fuse": fuse, "vanilla_s": med["vanilla"], "patched_s": med[variant],
-            "ratio": med[variant] / med["vanilla"], "steps": steps, "threads": torch.get_num_threads()}
+    return steptime.row(variant, med, steps, fuse=fuse)
 
 
 def main(argv=None) -> int:
@@ -101,8 +95,5 @@ def main(argv=None) -> int:
     modes = {"off": [False], "on": [True], "both": [False, True]}[args.fuse]
     rows = [measure(v.strip(), args.steps, args.warmup, args.threads, fuse=f)
             for v in args.variants.split(",") if v.strip() for f in modes]
-    print(f"{'variant':18} {'fused':6} {'vanilla ms':>11} {'patched ms':>11} {'ratio':>7}   "
-          f"(median of {args.steps} interleaved steps after {args.warmup} warm-up, {rows[0]['threads']} threads)")
-    for r in rows:
-        print(f"{r['variant']:18} {('yes' if r['fuse'] else 'no'):6} {1e3 * r['vanilla_s']:11.2f} {1e3 * r['patched_s']:11.2f} {r['ratio']:7.3f}")
+    print(steptime.table(rows, args.steps, args.warmup, columns=[("fused", 6, lambda r: "yes" if r["fuse"] else "no")]))
     return 0
