@@ -18,6 +18,7 @@ commands:
   bench ou-cost    step time and memory of OU smoothing (K = 5, 10) vs plain, beside the FLOP ratio
   compare DIR...   NaN steps and skipped updates per variant, from runs' events
   run vdvae        upstream train.py with a variant applied, every step logged (mpiexec -n N for ranks)
+  run nvae         NVAE's train.py with a variant in every process it starts, every step logged (AMP skips too)
   make-data        a small CIFAR-10-format dataset from scikit-learn's bundled photos
   variants         list the built-in variants
   fetch            clone the pinned upstreams (vaepatch fetch vdvae|nvae|all [--source PATH]; --check)
