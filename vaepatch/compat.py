@@ -494,12 +494,14 @@ def _install_namespace_load() -> Callable[[], None]:
 
     from torch import serialization
 
-    saved = list(serialization.get_safe_globals())
+    if argparse.Namespace in serialization.get_safe_globals():
+        return lambda: None
     serialization.add_safe_globals([argparse.Namespace])
 
-    def undo():
+    def undo():  # take out only what we added: torch registers its own entries lazily, keep those
+        keep = [g for g in serialization.get_safe_globals() if g is not argparse.Namespace]
         serialization.clear_safe_globals()
-        serialization.add_safe_globals(saved)
+        serialization.add_safe_globals(keep)
 
     return undo
 
