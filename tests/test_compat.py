@@ -198,6 +198,7 @@ def test_namespace_load_shim_lets_nvae_checkpoints_load_and_undoes_exactly():
     undo = compat._install_namespace_load()
     try:
         assert load_namespace() == argparse.Namespace(seed=3)
+        assert compat._load_rejects_namespace()  # installed, the machine still needs it
         before_undo = list(serialization.get_safe_globals())
     finally:
         undo()

@@ -472,12 +472,19 @@ def _install_sync_batchnorm_cpu() -> Callable[[], None]:
                     label="compat cpu sync batch norm")
 
 
+_NAMESPACE_ALLOWED = []  # non-empty while the torch-load-namespace shim is installed
+
+
 def _load_rejects_namespace() -> bool:
-    """torch >= 2.6 loads weights only by default and refuses an argparse.Namespace in a checkpoint."""
+    """torch >= 2.6 loads weights only by default and refuses an argparse.Namespace in a checkpoint
+    (still true while our shim allows it: the machine needs the shim either way)."""
     import argparse
     import io
 
     import torch
+
+    if _NAMESPACE_ALLOWED:
+        return True
 
     buffer = io.BytesIO()
     torch.save({"args": argparse.Namespace(seed=1)}, buffer)
@@ -497,11 +504,13 @@ def _install_namespace_load() -> Callable[[], None]:
     if argparse.Namespace in serialization.get_safe_globals():
         return lambda: None
     serialization.add_safe_globals([argparse.Namespace])
+    _NAMESPACE_ALLOWED.append(True)
 
     def undo():  # take out only what we added: torch registers its own entries lazily, keep those
         keep = [g for g in serialization.get_safe_globals() if g is not argparse.Namespace]
         serialization.clear_safe_globals()
         serialization.add_safe_globals(keep)
+        _NAMESPACE_ALLOWED.clear()
 
     return undo
 
