@@ -8,7 +8,6 @@ was there before.
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import sys
 
@@ -16,6 +15,7 @@ import pytest
 import torch
 
 from vaepatch import compat
+from vaepatch.bench import nvae_steptime
 from tests.vdvae_support import usable_clone
 
 # top-level names the NVAE clone defines (modules and packages)
@@ -31,7 +31,6 @@ TINY_ARGS = dict(dataset="cifar10", use_se=True, res_dist=False, num_x_bits=8, n
                  num_channels_enc=4, num_channels_dec=4, num_preprocess_blocks=1, num_preprocess_cells=1,
                  num_cell_per_cond_enc=1, num_postprocess_blocks=1, num_postprocess_cells=1,
                  num_cell_per_cond_dec=1, num_mixture_dec=1, num_nf=0)
-ARCH = "res_mbconv"  # NVAE's default --arch_instance
 
 
 def nvae_clone():
@@ -85,20 +84,12 @@ def nvae_imported(path):
 
 
 def tiny_args(**overrides):
-    unknown = set(overrides) - set(TINY_ARGS)
-    if unknown:
-        raise TypeError(f"unknown NVAE args {sorted(unknown)}")
-    return argparse.Namespace(**{**TINY_ARGS, **overrides})
+    return nvae_steptime.tiny_args(TINY_ARGS, **overrides)
 
 
 def tiny_model(seed=0, **overrides):
     """A tiny NVAE AutoEncoder on CPU (in train mode, as upstream's training loop runs it)."""
-    import model
-    import utils
-
-    torch.manual_seed(seed)
-    with contextlib.redirect_stdout(None):  # AutoEncoder prints its layer counts
-        return model.AutoEncoder(tiny_args(**overrides), None, utils.get_arch_cells(ARCH))
+    return nvae_steptime.tiny_nvae(seed, TINY_ARGS, **overrides)
 
 
 def cifar_like(batch=2, seed=0):

@@ -60,13 +60,14 @@ class Setup:
     master_port: int | None
 
 
-def _grad_norm(optimizer) -> float | None:
+def _grad_norm(optimizer):
+    """Global gradient norm as a 0-d tensor on the gradients' device (no host sync), or None."""
     import torch
 
     grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
     if not grads:
         return None
-    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])))
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
 
 
 class StepRecorder:
@@ -106,16 +107,23 @@ class StepRecorder:
         self._reset()
         self.started = time.perf_counter()
 
-    def end_step(self, amp_skipped: bool) -> None:
+    def end_step(self, amp_skipped) -> None:
+        """Write the step's event. ``loss``, ``grad_norm`` and ``amp_skipped`` may be device tensors:
+        they are read back together, one host sync per step."""
         if self.loss is None:  # GradScaler.update outside a recorded step (not in NVAE's loop)
             return
-        finite = math.isfinite(self.loss)
-        skipped = self.guard_skipped or amp_skipped
+        import torch
+
+        values = [self.loss, self.grad_norm if self.grad_norm is not None else math.nan, amp_skipped]
+        loss, grad_norm, amp_skipped = torch.stack(
+            [torch.as_tensor(v, device=self.loss.device).float().reshape(()) for v in values]).tolist()
+        finite = math.isfinite(loss)
+        skipped = self.guard_skipped or bool(amp_skipped)
         reason = None if not skipped else ("nan" if not finite else "amp")
         elapsed = time.perf_counter() - (self.started if self.started is not None else time.perf_counter())
         if self.writer is not None:
-            if self.writer.write(step=self.step, loss=self.loss, grad_norm=self.grad_norm, skipped=skipped,
-                                 reason=reason, time=elapsed):
+            if self.writer.write(step=self.step, loss=loss, grad_norm=None if self.grad_norm is None else grad_norm,
+                                 skipped=skipped, reason=reason, time=elapsed):
                 self.logged += 1
             else:
                 self.already_logged += 1
@@ -146,26 +154,29 @@ class _Batches:
 
 def recording_scaler(base: type, recorder: StepRecorder) -> type:
     """A subclass of NVAE's ``GradScaler`` class that reports each step to ``recorder``."""
+    import torch
 
     class RecordingGradScaler(base):
         def scale(self, outputs):
-            recorder.loss = float(outputs.detach())  # this process's own loss, before any averaging
+            recorder.loss = outputs.detach()  # this process's own loss, before any averaging
             return super().scale(outputs)
 
         def step(self, optimizer, *args, **kwargs):
             if self.is_enabled():
                 self.unscale_(optimizer)  # records found-inf; step() then does not unscale again
             recorder.grad_norm = _grad_norm(optimizer)
-            if recorder.skip_nonfinite and recorder.loss is not None and not math.isfinite(recorder.loss):
+            if recorder.skip_nonfinite and recorder.loss is not None and not bool(torch.isfinite(recorder.loss)):
                 recorder.guard_skipped = True
                 return None
             return super().step(optimizer, *args, **kwargs)
 
         def update(self, new_scale=None):
-            before = self.get_scale()
+            watch = self.is_enabled() and new_scale is None
+            # the scale tensor, compared on its device (get_scale() would sync to the host twice)
+            before = self._scale.clone() if watch else None
             super().update(new_scale)
             # AMP backs the scale off exactly when it found inf/NaN gradients and skipped the step
-            recorder.end_step(amp_skipped=self.is_enabled() and new_scale is None and self.get_scale() < before)
+            recorder.end_step(amp_skipped=self._scale < before if watch else False)
 
     RecordingGradScaler.__qualname__ = RecordingGradScaler.__name__ = f"Recording{base.__name__}"
     return RecordingGradScaler

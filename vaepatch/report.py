@@ -116,8 +116,12 @@ def _eval_losses(log: Path, run: Run) -> None:
     if not log.is_file():
         return
     records = _read_jsonl_lenient(log, run.problems)
-    evals = [r["elbo"] for r in records if r.get("type") in ("eval_loss", "test_loss")
-             and isinstance(r.get("elbo"), (int, float))]
+    _set_evals(run, [r["elbo"] for r in records if r.get("type") in ("eval_loss", "test_loss")
+                     and isinstance(r.get("elbo"), (int, float))])
+
+
+def _set_evals(run: Run, evals: list[float]) -> None:
+    """Final eval loss (None if it was not finite) and the best finite one, in logged order."""
     finite = [v for v in evals if math.isfinite(v)]
     if evals:
         run.eval_final = evals[-1] if math.isfinite(evals[-1]) else None
@@ -133,10 +137,7 @@ def _nvae_eval_losses(log: Path, run: Run) -> None:
             evals.append(float(value))
         except ValueError:
             run.problems.append(f"{log}: unreadable validation NELBO {value!r}")
-    finite = [v for v in evals if math.isfinite(v)]
-    if evals:
-        run.eval_final = evals[-1] if math.isfinite(evals[-1]) else None
-        run.eval_best = min(finite) if finite else None
+    _set_evals(run, evals)
 
 
 def _from_vdvae_log(path: Path, run: Run) -> None:

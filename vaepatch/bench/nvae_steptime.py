@@ -72,21 +72,23 @@ def nvae_on_cpu():
         shims.revert()
 
 
-def tiny_args(**overrides):
-    unknown = set(overrides) - set(TINY_ARGS)
+def tiny_args(base=None, **overrides):
+    """NVAE's parsed-argument namespace: ``base`` (default :data:`TINY_ARGS`) with ``overrides``."""
+    base = TINY_ARGS if base is None else base
+    unknown = set(overrides) - set(base)
     if unknown:
         raise TypeError(f"unknown NVAE args {sorted(unknown)}")
-    return argparse.Namespace(**{**TINY_ARGS, **overrides})
+    return argparse.Namespace(**{**base, **overrides})
 
 
-def tiny_nvae(seed=0, **overrides):
-    """NVAE's ``model.AutoEncoder`` with :data:`TINY_ARGS`, seeded, in train mode (needs the clone imported)."""
+def tiny_nvae(seed=0, base=None, **overrides):
+    """NVAE's ``model.AutoEncoder`` for :func:`tiny_args`, seeded, in train mode (needs the clone imported)."""
     import model
     import utils
 
     torch.manual_seed(seed)
     with contextlib.redirect_stdout(None):  # AutoEncoder prints its layer counts
-        m = model.AutoEncoder(tiny_args(**overrides), None, utils.get_arch_cells(ARCH))
+        m = model.AutoEncoder(tiny_args(base, **overrides), None, utils.get_arch_cells(ARCH))
     return m.train()
 
 
