@@ -1,6 +1,8 @@
 """Shared by the VDVAE tests: find a usable openai/vdvae clone, or skip saying why and how to get one."""
 from __future__ import annotations
 
+import shlex
+
 import pytest
 
 from vaepatch import upstream
@@ -11,7 +13,10 @@ def usable_clone(name, label):
     try:
         path = upstream.locate(name)
         if path is None:
-            return None, f"no {label} clone (set ${upstream.pin(name).env} or run `vaepatch fetch {name}`)"
+            # --dest spelled out: an installed `vaepatch` outside this checkout would fetch into ~/.cache
+            dest = shlex.quote(str(upstream.default_dest(name)))
+            return None, (f"no {label} clone (set ${upstream.pin(name).env} or run "
+                          f"`vaepatch fetch {name} --dest {dest}`)")
         upstream.verify(path, name)
         return path, ""
     except upstream.UpstreamError as err:
