@@ -138,13 +138,13 @@ def test_cli_keeps_each_flag_to_its_target(capsys):
     assert "VDVAE already skips non-finite losses itself" in capsys.readouterr().err
 
 
-def test_cli_names_a_missing_nvae_clone_and_an_unsupported_ou(tmp_path, capsys):
+def test_cli_names_a_missing_nvae_clone_and_a_bad_variant(tmp_path, capsys):
     assert cli(["run", "nvae", "--variant", "vanilla", "--out", str(tmp_path / "r"),
                 "--upstream", str(tmp_path / "nowhere")]) == 2
     err = capsys.readouterr().err
     assert "nowhere" in err
-    assert cli(["run", "nvae", "--variant", "explin,ou=0.9x5", "--out", str(tmp_path / "r")]) == 2
-    assert "OU smoothing for NVAE is not implemented" in capsys.readouterr().err
+    assert cli(["run", "nvae", "--variant", "explin,ou=1.5x5", "--out", str(tmp_path / "r")]) == 2
+    assert "rho" in capsys.readouterr().err
 
 
 def test_script_without_data_says_where_to_get_it(tmp_path):

@@ -108,6 +108,21 @@ def test_the_variant_reaches_every_process_nvae_starts(tmp_path, data):
     assert all(patched[key] != vanilla[key] for key in vanilla)  # each process ran the patched model
 
 
+def test_an_ou_variant_trains_in_every_process(tmp_path, data):
+    """OU smoothing under NVAE's own two-process training (gloo, batch norms synchronised)."""
+    runs = {}
+    for variant in ("upbounded1", "upbounded1,ou=0.9x3"):
+        out = tmp_path / variant.replace(",", "_")
+        result = _run(out, data, variant=variant, launcher=["--max-steps", "2"], extra=["--num_process_per_node", "2"])
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert _manifest(out)["variant"] == variant
+        log = events.read(out)
+        assert len(log.events) == 4 and all(e["finite"] and not e["skipped"] for e in log.events)
+        runs[variant] = {(e["step"], e["rank"]): e["loss"] for e in log.events}
+    plain, smoothed = runs.values()
+    assert plain[(0, 0)] != smoothed[(0, 0)] and plain[(0, 1)] != smoothed[(0, 1)]
+
+
 def test_a_crash_is_recorded_with_its_cause(tmp_path, data):
     out = tmp_path / "run"
     result = _run(out, tmp_path / "no-data", epochs=1)

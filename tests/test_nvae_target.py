@@ -371,9 +371,9 @@ def test_apply_twice_is_noop_and_swap_is_clean(plain_model, nvae):
 def test_fingerprints_match_the_pinned_clone(nvae):
     from vaepatch.targets import nvae as target
 
-    patches = target.build(vaepatch.Variant.parse("upbounded1"), nvae)
+    patches = target.build(vaepatch.Variant.parse("upbounded1,ou=0.9x5"), nvae)  # OU adds Normal.sample
     assert PatchSet(patches).check() == []
-    assert len(patches) == 6 and all(p.fingerprint for p in patches)
+    assert len(patches) == 7 and all(p.fingerprint for p in patches)
     assert set(target.FINGERPRINTS) == {(f"{p.owner.__module__}.{p.owner.__qualname__}", p.attribute) for p in patches}
 
 
@@ -391,10 +391,9 @@ def test_finite_loss_and_gradients(nvae):
     assert all(g is not None and g.abs().sum() > 0 for g in heads)
 
 
-def test_ou_is_not_yet_and_rho_one_is_plain(nvae):
-    with pytest.raises(NotImplementedError, match="OU for NVAE: not yet"):
-        vaepatch.apply("upbounded1,ou=0.9x5", target="nvae")
-    assert "nvae" not in vaepatch.active()
+def test_ou_patches_the_draw_too_and_rho_one_is_plain(nvae):
+    handle = vaepatch.apply("upbounded1,ou=0.9x5", target="nvae")
+    assert [p.attribute for p in handle.patchset.patches].count("sample") == 2  # Normal's and AutoEncoder's
     handle = vaepatch.apply("upbounded1,ou=1x5", target="nvae")
     assert len(handle.patchset.patches) == 6
 

@@ -271,8 +271,6 @@ def run_nvae(variant: str, out: str | os.PathLike, train_args: list[str], *, ups
         raise LaunchError(str(e)) from None
     if max_steps is not None and max_steps < 1:
         raise LaunchError(f"--max-steps must be at least 1, got {max_steps}")
-    if resolved.ou is not None and resolved.ou.rho < 1:
-        raise LaunchError("OU smoothing for NVAE is not implemented yet (VDVAE has it); drop ou= from the variant")
     location = upstream.locate("nvae", upstream_path)
     if location is None:
         raise LaunchError(f"no NVlabs/NVAE clone at {upstream.default_dest('nvae')} and $VAEPATCH_NVAE is not set.\n"

@@ -40,11 +40,17 @@ KL. A Normal built outside ``forward`` / ``sample`` / ``NormalDecoder`` (none in
 reads its raw scale through the posterior parameterization. The discretized-logistic pixel
 decoders (``DiscLogistic``, ``DiscMixLogistic``) are left alone, and so are ``Normal.sample``
 and ``sample_given_eps`` (they only read ``self.mu`` / ``self.sigma``).
+
+With ``ou`` set (Pervez & Gavves), each training forward also records the decoder's path with
+hooks and gives every prior Normal but the top one its OU-smoothed mean and scale
+(``vaepatch.targets.nvae_ou``); ``Normal.sample`` is then wrapped only to record the posterior
+draws the smoothing starts from.
 """
 from __future__ import annotations
 
 import contextlib
 import math
+import sys
 import threading
 import warnings
 import weakref
@@ -53,6 +59,7 @@ import torch
 
 from vaepatch import gaussian, scales
 from vaepatch.patching import Patch, PatchError
+from vaepatch.targets import nvae_ou
 
 NAME = "nvae"
 MODULES = ("distributions", "model")
@@ -60,8 +67,6 @@ UPSTREAM_SCALE = scales.get("softclamp")
 IMPORT_HINT = ("NVAE imports tensorboardX, lmdb and torchvision at module level. Install them, or install "
                "vaepatch's stand-ins first: vaepatch.compat.install(vaepatch.compat.needed(cpu, "
                "vaepatch.compat.NVAE_SHIMS)) (cpu=True also makes .cuda() and the batch norms work on CPU)")
-OU_NOT_YET = ("OU for NVAE: not yet. The OU-smoothed prior (Pervez & Gavves, issue 7) exists for "
-              "openai/vdvae only; use rho = 1 (no smoothing) with target='nvae', or target='vdvae'")
 
 # fingerprint(owner, attribute) of each replaced original at the pinned commit
 # 9fc1a288fb831c87d93a4e2663bc30ccf9225b29 (vaepatch.patching.fingerprint).
@@ -72,6 +77,7 @@ FINGERPRINTS = {
     ("distributions.NormalDecoder", "__init__"): "9f080ec20115223b",
     ("model.AutoEncoder", "forward"): "e6d70f07361bd465",
     ("model.AutoEncoder", "sample"): "dd40de22aa3daaa5",
+    ("distributions.Normal", "sample"): "c55046af838500f7",
 }
 
 _state = threading.local()  # .depth: AutoEncoder calls running in this thread; .decoder: NormalDecoder's scale
@@ -139,8 +145,7 @@ def _log_sigma(dist):
 def build(variant, modules, fuse=False):
     """The patches for ``variant`` on the imported upstream ``modules`` (dict name -> module)."""
     distributions, model = modules["distributions"], modules["model"]
-    if variant.ou is not None and variant.ou.rho < 1:
-        raise NotImplementedError(OU_NOT_YET)
+    smoothing = variant.ou if variant.ou is not None and variant.ou.rho < 1 else None
     if fuse:
         warnings.warn("fuse=True is not implemented for the NVAE target (its per-group math is a few "
                       "elementwise ops); running eagerly", stacklevel=3)
@@ -151,6 +156,9 @@ def build(variant, modules, fuse=False):
     original_decoder_init = distributions.NormalDecoder.__dict__["__init__"]
     original_forward = model.AutoEncoder.__dict__["forward"]
     original_sample = model.AutoEncoder.__dict__["sample"]
+    original_draw = distributions.Normal.__dict__["sample"]
+    ou_parts = nvae_ou.Parts(distributions.soft_clamp5, getattr(model, "SyncBatchNormSwish", None),
+                             getattr(sys.modules.get("neural_operations"), "SyncBatchNorm", None))
 
     def normal_init(self, mu, log_sigma, temp=1.):
         """N(soft_clamp5(mu), sigma) with sigma and an exact log sigma (replaces Normal.__init__)."""
@@ -165,6 +173,18 @@ def build(variant, modules, fuse=False):
         if not (isinstance(temp, (int, float)) and temp == 1):
             scale, log_scale = _temper(scale, log_scale, temp)
         self.sigma, self.log_sigma = scale, log_scale
+        ou_pass = nvae_ou.current() if smoothing is not None else None
+        smoothed = ou_pass.smoothed_for(mu) if ou_pass is not None else None
+        if smoothed is not None:  # the prior Normal of a smoothed head: U_rho mu, U_rho sigma
+            self.mu, self.sigma, self.log_sigma = smoothed
+
+    def draw(self):
+        """Upstream's Normal.sample, the draw recorded for OU smoothing (patched only with ``ou``)."""
+        z, eps = original_draw(self)
+        ou_pass = nvae_ou.current()
+        if ou_pass is not None:
+            ou_pass.record_draw(z, self.mu, self.sigma)
+        return z, eps
 
     def log_p(self, samples):
         """log N(samples; mu, sigma) from the exact log sigma (replaces Normal.log_p)."""
@@ -183,6 +203,12 @@ def build(variant, modules, fuse=False):
         finally:
             _state.decoder = outer
 
+    def ou_smoothing(self):
+        """OU smoothing for this forward: in training, with gradients, when the variant has ``ou``."""
+        if smoothing is None or not (self.training and torch.is_grad_enabled()):
+            return contextlib.nullcontext()
+        return nvae_ou.smoothing(self, smoothing, prior, ou_parts)
+
     def forward(self, *args, **kwargs):
         """Upstream's AutoEncoder.forward with the heads mapped to exact log sigmas."""
         if variant.decoder is not None and (getattr(self, "num_mix_output", 1) != 1
@@ -191,7 +217,7 @@ def build(variant, modules, fuse=False):
                           "pixels are not a Normal (a discretized logistic mixture, or Bernoulli for binary "
                           "data; NormalDecoder needs --num_mixture_dec 1): the decoder scale is unused",
                           stacklevel=2)
-        with _mapped_heads(self, posterior, prior):
+        with _mapped_heads(self, posterior, prior), ou_smoothing(self):
             return original_forward(self, *args, **kwargs)
 
     def sample(self, *args, **kwargs):
@@ -204,7 +230,8 @@ def build(variant, modules, fuse=False):
     if getattr(model, "Normal", Normal) is not Normal:
         raise PatchError(f"model.Normal ({getattr(model, 'Normal')!r}) is not distributions.Normal: model.py was "
                          "imported against another distributions module; start a fresh interpreter")
-    return [
+    ou_patches = [Patch(Normal, "sample", draw, fp("distributions.Normal", "sample"))] if smoothing else []
+    return ou_patches + [
         Patch(Normal, "__init__", normal_init, fp("distributions.Normal", "__init__")),
         Patch(Normal, "log_p", log_p, fp("distributions.Normal", "log_p")),
         Patch(Normal, "kl", kl, fp("distributions.Normal", "kl")),
