@@ -100,7 +100,8 @@ def test_saved_activations_grow_with_k():
 
 def test_ou_cost_quick_prints_ratios(tmp_path, capsys):
     out = tmp_path / "cost"
-    rc = ou_cost.main(["--quick", "--out", str(out), "--vdvae", "off", "--rss-steps", "0", "--steps", "2",
+    rc = ou_cost.main(["--quick", "--out", str(out), "--vdvae", "off", "--nvae", "off", "--rss-steps", "0",
+                       "--steps", "2",
                        "--warmup", "1"])
     text = capsys.readouterr().out
     assert rc == 0 and "time x" in text and "FLOP x" in text and "ou rho=0.9 K=5" in text

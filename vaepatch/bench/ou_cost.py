@@ -1,7 +1,8 @@
 """`vaepatch bench ou-cost`: what OU smoothing of the prior costs per training step, beside its math.
 
 Step time and memory of OU (rho 0.9, K copies) against the plain model, on the MLP hierarchy and,
-when an openai/vdvae clone is present, on a tiny VDVAE. Times: configs interleaved step by step
+when their clones are present, on a tiny VDVAE and a tiny NVAE (NVAE's train.py step: KL
+balancing, spectral and batch-norm regularisation, Adamax; in a spawned interpreter). Times: configs interleaved step by step
 (the order rotated every round) on the same weights and batch, median of N steps after warm-up,
 so a change in the machine's load hits every config alike; the ratio is median / median of plain.
 
@@ -10,7 +11,7 @@ n_out multiply-adds (2 FLOPs each) forward and twice that backward (input and we
 the first layer, fed by x, needs no input gradient). The smoothed part is the prior nets
 p(z_i | z_{i+1}), i < L, run on K x B rows instead of B. Elementwise work (tanh, the KL, Adam) is
 left out, so time/FLOP ratios above 1 are overhead beyond the matrix math. The count is checked
-against ``torch.utils.flop_counter.FlopCounterMode`` on a real step. VDVAE: FlopCounterMode only
+against ``torch.utils.flop_counter.FlopCounterMode`` on a real step. VDVAE, NVAE: FlopCounterMode only
 (convolutions and matmuls, forward and backward).
 
 Memory, two honest measures (torch has no CPU allocator statistics):
@@ -25,6 +26,7 @@ Memory, two honest measures (torch has no CPU allocator statistics):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -36,7 +38,7 @@ import torch
 
 from vaepatch.models.mlp_hierarchy import MLPHierarchy
 
-__all__ = ["mlp_flops", "saved_bytes", "measure_mlp", "measure_vdvae", "main"]
+__all__ = ["mlp_flops", "saved_bytes", "measure_mlp", "measure_upstream", "main"]
 
 DEFAULTS = dict(steps=50, warmup=10, samples="5,10", rss_steps=20)
 QUICK = dict(steps=5, warmup=2, samples="5", rss_steps=3)
@@ -109,6 +111,11 @@ def _rss_worker(kind: str, config, steps: int, threads: int) -> int:
     (``echo 5 > /proc/self/clear_refs``) and return how far it rises above the current RSS over ``steps``
     steps, in bytes."""
     torch.set_num_threads(threads)
+    with _upstream_on_cpu(kind):
+        return _rss_growth_here(kind, config, steps)
+
+
+def _rss_growth_here(kind, config, steps):
     step, _ = _build(kind, config)
     step()
     Path("/proc/self/clear_refs").write_text("5")
@@ -164,7 +171,40 @@ def _build(kind: str, config, seed: int = 0):
             opt.step()
 
         return step, dict(model=model, loss=lambda: model(x, x)["elbo"], patchset=handle.patchset)
+    if kind == "nvae":
+        import vaepatch
+        import utils
+        from vaepatch.bench import nvae_steptime as nv
+
+        variant = "upbounded1" if config is None else f"upbounded1,ou={RHO}x{config}"
+        handle = vaepatch.apply(variant, target="nvae")
+        model = nv.tiny_nvae(seed)
+        x = nv.cifar_like_batch(nv.BATCH, seed)
+        opt = torch.optim.Adamax(model.parameters(), **nv.ADAMAX)
+        alpha_i = utils.kl_balancer_coeff(num_scales=model.num_latent_scales, groups_per_scale=model.groups_per_scale,
+                                          fun="square")
+        state = {"step": 0}
+
+        def step():
+            nv.train_step(model, opt, x, alpha_i, state["step"])  # NVAE's train.py step: KL balancing, spectral norm
+            state["step"] += 1
+
+        def loss():
+            logits, _, _, kl_all, _ = model(x)
+            recon = utils.reconstruction_loss(model.decoder_output(logits), x, crop=model.crop_output)
+            return torch.mean(recon + utils.kl_balancer(kl_all, 1.0, kl_balance=True, alpha_i=alpha_i)[0])
+
+        return step, dict(model=model, loss=loss, patchset=handle.patchset)
     raise ValueError(kind)
+
+
+def _upstream_on_cpu(kind):
+    """NVAE's clone on the path with its CPU shims (its module names need their own interpreter)."""
+    if kind != "nvae":
+        return contextlib.nullcontext()
+    from vaepatch.bench.nvae_steptime import nvae_on_cpu
+
+    return nvae_on_cpu()
 
 
 def _interleave(steps_by_name: dict, steps: int, warmup: int, desc: str, before=None) -> dict:
@@ -208,43 +248,63 @@ def measure_mlp(samples_list, steps, warmup, rss_steps, threads) -> list:
     return _ratios(rows)
 
 
-def measure_vdvae(samples_list, steps, warmup, rss_steps, threads) -> list:
-    """Tiny VDVAE, upbounded1 vs upbounded1 + OU; each model keeps its own patch set, toggled per step."""
-    import vaepatch
+REFERENCES = {"vdvae": "tiny vdvae (width 32, batch 16, 32x32)",
+              "nvae": "tiny nvae (16 ch, 2x2 groups, batch 8)"}
 
-    configs = [None] + list(samples_list)
-    vaepatch.revert("vdvae")
-    built = {}
-    try:
-        for c in configs:
-            built[c] = _build("vdvae", c)
-            built[c][1]["patchset"].revert()
-        def switch(name):  # only the config's own patch set applied (a no-op revert costs nothing)
-            for other in configs:
-                built[other][1]["patchset"].revert()
-            built[name][1]["patchset"].apply()
 
-        for c in configs[1:]:
-            built[c][1]["model"].load_state_dict(built[None][1]["model"].state_dict())
-        med = _interleave({c: built[c][0] for c in configs}, steps, warmup, "ou-cost vdvae", before=switch)
-        rows = []
-        for c in configs:
-            switch(c)
-            ex = built[c][1]
-            flops = counted_flops(built[c][0])
-            rows.append(dict(reference="tiny vdvae (width 32, batch 16, 32x32)", config=_label(c), samples=c,
-                             seconds=med[c], flops=flops, flops_counted=flops,
-                             saved=saved_bytes(ex["loss"], ex["model"].parameters())))
-    finally:
-        for c in built:
-            built[c][1]["patchset"].revert()
-        vaepatch.revert("vdvae")
+def measure_upstream(kind, samples_list, steps, warmup, rss_steps, threads) -> list:
+    """Tiny VDVAE or NVAE, upbounded1 vs upbounded1 + OU; each model keeps its own patch set, toggled
+    per step. NVAE runs in a spawned interpreter of its own (its module names clash with VDVAE's)."""
+    if kind == "nvae":
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            rows = pool.submit(_measure_here, kind, samples_list, steps, warmup, threads).result()
+    else:
+        rows = _measure_here(kind, samples_list, steps, warmup, threads)
     for row in rows:
-        row["rss"] = rss_growth("vdvae", row["samples"], rss_steps, threads) if rss_steps else None
+        row["rss"] = rss_growth(kind, row["samples"], rss_steps, threads) if rss_steps else None
     plain = rows[0]["flops"]
     for row in rows:
         row["flop_ratio"] = row["flops"] / plain
     return _ratios(rows)
+
+
+def _measure_here(kind, samples_list, steps, warmup, threads) -> list:
+    import vaepatch
+
+    torch.set_num_threads(threads)
+    configs = [None] + list(samples_list)
+    built = {}
+    with _upstream_on_cpu(kind):
+        vaepatch.revert(kind)
+        try:
+            for c in configs:
+                built[c] = _build(kind, c)
+                built[c][1]["patchset"].revert()
+
+            def switch(name):  # only the config's own patch set applied (a no-op revert costs nothing)
+                for other in configs:
+                    built[other][1]["patchset"].revert()
+                built[name][1]["patchset"].apply()
+
+            for c in configs[1:]:
+                built[c][1]["model"].load_state_dict(built[None][1]["model"].state_dict())
+            med = _interleave({c: built[c][0] for c in configs}, steps, warmup, f"ou-cost {kind}", before=switch)
+            rows = []
+            for c in configs:
+                switch(c)
+                ex = built[c][1]
+                flops = counted_flops(built[c][0])
+                rows.append(dict(reference=REFERENCES[kind], config=_label(c), samples=c, seconds=med[c],
+                                 flops=flops, flops_counted=flops,
+                                 saved=saved_bytes(ex["loss"], ex["model"].parameters())))
+        finally:
+            for c in built:
+                built[c][1]["patchset"].revert()
+            vaepatch.revert(kind)
+    return rows
 
 
 def _ratios(rows):
@@ -269,6 +329,27 @@ def table_lines(rows) -> list:
     return lines
 
 
+UPSTREAMS = {"vdvae": ("tiny VDVAE", "openai/vdvae", f"decoder {VDVAE_DEC}"),
+             "nvae": ("tiny NVAE", "NVlabs/NVAE", "res_mbconv cells, --res_dist, 1 flow, 10-logistic pixels")}
+
+
+def _measure_if_present(kind, mode, samples, args, rows) -> str:
+    """Measure ``kind`` into ``rows`` when its clone is found (and ``mode`` is auto); the note for the table."""
+    label, repo, what = UPSTREAMS[kind]
+    if mode == "off":
+        return f"{label}: skipped (--{kind} off)"
+    from vaepatch.upstream import UpstreamError, locate
+
+    try:
+        clone = locate(kind)
+    except UpstreamError as err:
+        return f"{label}: skipped ({err})"
+    if clone is None:
+        return f"{label}: skipped (no {repo} clone; run `vaepatch fetch {kind}`)"
+    rows += measure_upstream(kind, samples, args.steps, args.warmup, args.rss_steps, args.threads)
+    return f"{label}: {repo} clone at {clone}, {what}"
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="vaepatch bench ou-cost", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -282,6 +363,8 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1: steadier on a shared machine)")
     parser.add_argument("--vdvae", choices=["auto", "off"], default="auto",
                         help="also measure a tiny openai/vdvae when a clone is found (auto)")
+    parser.add_argument("--nvae", choices=["auto", "off"], default="auto",
+                        help="also measure a tiny NVlabs/NVAE when a clone is found (auto)")
     args = parser.parse_args(argv)
     for key, value in {**DEFAULTS, **(QUICK if args.quick else {})}.items():
         if getattr(args, key) is None:
@@ -296,19 +379,7 @@ def main(argv=None) -> int:
 
     wall = time.perf_counter()
     rows = measure_mlp(samples, args.steps, args.warmup, args.rss_steps, args.threads)
-    vdvae_note = "tiny VDVAE: skipped (--vdvae off)"
-    if args.vdvae == "auto":
-        from vaepatch.upstream import UpstreamError, locate
-
-        try:
-            clone = locate("vdvae")
-        except UpstreamError as err:
-            clone, vdvae_note = None, f"tiny VDVAE: skipped ({err})"
-        if clone is not None:
-            rows += measure_vdvae(samples, args.steps, args.warmup, args.rss_steps, args.threads)
-            vdvae_note = f"tiny VDVAE: openai/vdvae clone at {clone}, decoder {VDVAE_DEC}"
-        elif vdvae_note.endswith("off)"):
-            vdvae_note = "tiny VDVAE: skipped (no openai/vdvae clone; run `vaepatch fetch vdvae`)"
+    upstream_notes = [_measure_if_present(kind, getattr(args, kind), samples, args, rows) for kind in UPSTREAMS]
     wall = time.perf_counter() - wall
 
     mlp = rows[0]
@@ -322,7 +393,7 @@ def main(argv=None) -> int:
              "time/FLOP > 1: overhead beyond the matrix math (elementwise ops, copies, framework)",
              "saved = activation bytes autograd keeps for backward (parameters excluded); RSS+ = rise of the peak "
              f"RSS above the between-steps RSS over {args.rss_steps} steps (after 1 warm-up step), a fresh subprocess "
-             "per config", vdvae_note, PAPER_NOTE,
+             "per config", *upstream_notes, PAPER_NOTE,
              f"total wall {wall:.0f} s"]
     lines = table_lines(rows)
     print("\n".join(["", header, ""] + lines + [""] + notes))
