@@ -12,22 +12,11 @@ import torch
 import vaepatch
 from vaepatch import scales
 from vaepatch.variant import OU
-from tests.nvae_support import cifar_like, nvae_clone, nvae_imported, tiny_model
+from tests.nvae_support import cifar_like, nvae_clone, tiny_model
 
 CLONE, WHY_NOT = nvae_clone()
 pytestmark = pytest.mark.skipif(CLONE is None, reason=f"SKIPPED, needs a real clone: {WHY_NOT}")
 SHAPES = [dict(res_dist=False, num_nf=0), dict(res_dist=True, num_nf=1)]
-
-
-@pytest.fixture(scope="module")
-def nvae():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with nvae_imported(CLONE) as modules:
-            yield modules
-    finally:
-        torch.set_num_threads(threads)
 
 
 @pytest.fixture(autouse=True)

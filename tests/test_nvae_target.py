@@ -19,25 +19,13 @@ import torch
 import vaepatch
 from vaepatch import compat
 from vaepatch.patching import PatchSet
-from tests.nvae_support import cifar_like, nvae_clone, nvae_imported, tiny_model
+from tests.nvae_support import cifar_like, nvae_clone, tiny_model
 
 CLONE, WHY_NOT = nvae_clone()
 pytestmark = pytest.mark.skipif(CLONE is None, reason=f"SKIPPED, needs a real clone: {WHY_NOT}")
 
 TABLE4 = ["vanilla", "upbounded1", "explin", "vanilla-cst1", "upbounded1-cst1", "explin-cst1"]
 LOG_2PI = math.log(2 * math.pi)
-
-
-@pytest.fixture(scope="module")
-def nvae():
-    """NVAE's modules, imported in isolation with the shims on; one thread (2 shared cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny convolutions: more threads only contend
-    try:
-        with nvae_imported(CLONE) as modules:
-            yield modules
-    finally:
-        torch.set_num_threads(threads)
 
 
 @pytest.fixture(autouse=True)

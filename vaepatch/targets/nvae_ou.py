@@ -29,6 +29,7 @@ import threading
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from vaepatch import ou
@@ -83,13 +84,21 @@ def _norm_layers(modules, parts):
 
 
 def _normalize(norm, mean, var, swish, x):
-    """``norm``'s batch norm of ``x`` with given batch statistics (then swish, if it fuses one)."""
+    """``norm``'s batch norm of ``x`` with given batch statistics (then swish, if it fuses one).
+
+    The statistics and the affine parameters are folded into one per-channel scale and shift, so
+    the full-size tensor sees one multiply-add (and one SiLU): few activations kept for backward.
+    """
     shape = [1, -1] + [1] * (x.dim() - 2)
-    y = (x.float() - mean.view(shape)) * torch.rsqrt(var + norm.eps).view(shape)
+    scale = torch.rsqrt(var + norm.eps)
     if norm.weight is not None:
-        y = y * norm.weight.view(shape) + norm.bias.view(shape)
+        scale = scale * norm.weight
+    shift = -mean * scale
+    if norm.bias is not None:
+        shift = shift + norm.bias
+    y = torch.addcmul(shift.view(shape), x, scale.view(shape))
     if swish:
-        y = y * torch.sigmoid(y)
+        y = F.silu(y)
     return y.to(x.dtype)
 
 

@@ -1,0 +1,19 @@
+"""Fixtures shared by the test files."""
+import pytest
+import torch
+
+from tests.nvae_support import nvae_imported, require_nvae
+
+
+@pytest.fixture(scope="module")
+def nvae():
+    """NVAE's modules, imported in isolation with the shims on (see :func:`nvae_imported`); one
+    thread, as tiny convolutions on 2 shared cores only contend. Skips without a clone."""
+    path = require_nvae()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with nvae_imported(path) as modules:
+            yield modules
+    finally:
+        torch.set_num_threads(threads)
