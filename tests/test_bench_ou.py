@@ -110,3 +110,15 @@ def test_ou_cost_quick_prints_ratios(tmp_path, capsys):
     assert rows[0]["time_ratio"] == 1.0 and rows[1]["time_ratio"] > 0
     assert rows[1]["flop_ratio"] == pytest.approx(1 + 4 * rows[0]["smoothed_share"])
     assert rows[1]["saved_ratio"] > 1.5 and rows[0]["flops_counted"] == rows[0]["flops"]
+
+
+@pytest.mark.parametrize("groups", [1, 8, 32])
+def test_counted_flops_count_a_grouped_convolution_backward_as_twice_its_forward(groups):
+    """torch's FlopCounterMode alone counts a depthwise conv's backward ~groups times over."""
+    conv = torch.nn.Conv2d(32, 32, 3, padding=1, groups=groups, bias=False)
+    x = torch.randn(2, 32, 8, 8, requires_grad=True)
+    forward = ou_cost.counted_flops(lambda: conv(x))
+    assert forward == 2 * 2 * 32 * (32 // groups) * 9 * 64
+    assert ou_cost.counted_flops(lambda: conv(x).sum().backward()) == 3 * forward
+    x.requires_grad_(False)  # first layer: no input gradient, only the weight's
+    assert ou_cost.counted_flops(lambda: conv(x).sum().backward()) == 2 * forward

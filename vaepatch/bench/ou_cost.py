@@ -70,11 +70,25 @@ def mlp_flops(x_dim=784, latents=(40, 40, 40, 40), hidden=200, batch=100, sample
                 smoothed_share_of_plain=2 * 3 * batch * smoothed / plain)
 
 
+def _conv_backward_flops(grad_out_shape, x_shape, w_shape, _bias, _stride, _padding, _dilation, transposed,
+                         _output_padding, _groups, output_mask, **_):
+    """A convolution's backward: grad input and grad weight each cost what its forward does.
+
+    torch's own formula ignores ``groups`` in the grad-weight term, so a depthwise convolution's
+    backward counts ~groups times over (NVAE's decoder cells are full of them).
+    """
+    from torch.utils.flop_counter import conv_flop_count
+
+    forward = conv_flop_count(x_shape, w_shape, grad_out_shape, transposed=transposed)
+    return forward * (int(output_mask[0]) + int(output_mask[1]))
+
+
 def counted_flops(step_fn) -> int:
-    """Matmul/conv FLOPs of ``step_fn()`` (forward + backward) by torch's FlopCounterMode."""
+    """Matmul/conv FLOPs of ``step_fn()`` (forward + backward) by torch's FlopCounterMode, with
+    grouped convolutions' backward counted right (:func:`_conv_backward_flops`)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    counter = FlopCounterMode(display=False)
+    counter = FlopCounterMode(display=False, custom_mapping={torch.ops.aten.convolution_backward: _conv_backward_flops})
     with counter:
         step_fn()
     return int(counter.get_total_flops())
@@ -171,15 +185,16 @@ def _build(kind: str, config, seed: int = 0):
             opt.step()
 
         return step, dict(model=model, loss=lambda: model(x, x)["elbo"], patchset=handle.patchset)
-    if kind == "nvae":
+    if kind in NVAE_SIZES:
         import vaepatch
         import utils
         from vaepatch.bench import nvae_steptime as nv
 
         variant = "upbounded1" if config is None else f"upbounded1,ou={RHO}x{config}"
         handle = vaepatch.apply(variant, target="nvae")
-        model = nv.tiny_nvae(seed)
-        x = nv.cifar_like_batch(nv.BATCH, seed)
+        _, overrides, batch = NVAE_SIZES[kind]
+        model = nv.tiny_nvae(seed, **overrides)
+        x = nv.cifar_like_batch(batch, seed)
         opt = torch.optim.Adamax(model.parameters(), **nv.ADAMAX)
         alpha_i = utils.kl_balancer_coeff(num_scales=model.num_latent_scales, groups_per_scale=model.groups_per_scale,
                                           fun="square")
@@ -200,7 +215,7 @@ def _build(kind: str, config, seed: int = 0):
 
 def _upstream_on_cpu(kind):
     """NVAE's clone on the path with its CPU shims (its module names need their own interpreter)."""
-    if kind != "nvae":
+    if kind not in NVAE_SIZES:
         return contextlib.nullcontext()
     from vaepatch.bench.nvae_steptime import nvae_on_cpu
 
@@ -248,14 +263,22 @@ def measure_mlp(samples_list, steps, warmup, rss_steps, threads) -> list:
     return _ratios(rows)
 
 
-REFERENCES = {"vdvae": "tiny vdvae (width 32, batch 16, 32x32)",
-              "nvae": "tiny nvae (16 ch, 2x2 groups, batch 8)"}
+# NVAE models: (label, NVAE args over the bench's tiny ones, batch). "nvae-cifar10" is the NVAE README's
+# CIFAR-10 command (run_scripts/nvae_cifar.sh): 131M parameters, ~14 s a step on one CPU thread at batch 2.
+NVAE_SIZES = {
+    "nvae": ("tiny nvae (16 ch, 2x2 groups, batch 8)", {}, 8),
+    "nvae-cifar10": ("nvae cifar10 (128 ch, 30 groups, batch 2)",
+                     dict(num_channels_enc=128, num_channels_dec=128, num_preprocess_cells=2, num_postprocess_cells=2,
+                          num_latent_scales=1, num_groups_per_scale=30, num_latent_per_group=20,
+                          num_cell_per_cond_enc=2, num_cell_per_cond_dec=2), 2),
+}
+REFERENCES = {"vdvae": "tiny vdvae (width 32, batch 16, 32x32)", **{k: v[0] for k, v in NVAE_SIZES.items()}}
 
 
 def measure_upstream(kind, samples_list, steps, warmup, rss_steps, threads) -> list:
     """Tiny VDVAE or NVAE, upbounded1 vs upbounded1 + OU; each model keeps its own patch set, toggled
     per step. NVAE runs in a spawned interpreter of its own (its module names clash with VDVAE's)."""
-    if kind == "nvae":
+    if kind in NVAE_SIZES:
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
 
@@ -277,8 +300,9 @@ def _measure_here(kind, samples_list, steps, warmup, threads) -> list:
     torch.set_num_threads(threads)
     configs = [None] + list(samples_list)
     built = {}
+    target = "nvae" if kind in NVAE_SIZES else kind
     with _upstream_on_cpu(kind):
-        vaepatch.revert(kind)
+        vaepatch.revert(target)
         try:
             for c in configs:
                 built[c] = _build(kind, c)
@@ -303,7 +327,7 @@ def _measure_here(kind, samples_list, steps, warmup, threads) -> list:
         finally:
             for c in built:
                 built[c][1]["patchset"].revert()
-            vaepatch.revert(kind)
+            vaepatch.revert(target)
     return rows
 
 
@@ -330,12 +354,13 @@ def table_lines(rows) -> list:
 
 
 UPSTREAMS = {"vdvae": ("tiny VDVAE", "openai/vdvae", f"decoder {VDVAE_DEC}"),
-             "nvae": ("tiny NVAE", "NVlabs/NVAE", "res_mbconv cells, --res_dist, 1 flow, 10-logistic pixels")}
+             "nvae": ("NVAE", "NVlabs/NVAE", "res_mbconv cells, --res_dist, 1 flow, 10-logistic pixels")}
 
 
 def _measure_if_present(kind, mode, samples, args, rows) -> str:
     """Measure ``kind`` into ``rows`` when its clone is found (and ``mode`` is auto); the note for the table."""
     label, repo, what = UPSTREAMS[kind]
+    model = {"tiny": "nvae", "cifar10": "nvae-cifar10"}[args.nvae_size] if kind == "nvae" else kind
     if mode == "off":
         return f"{label}: skipped (--{kind} off)"
     from vaepatch.upstream import UpstreamError, locate
@@ -346,7 +371,7 @@ def _measure_if_present(kind, mode, samples, args, rows) -> str:
         return f"{label}: skipped ({err})"
     if clone is None:
         return f"{label}: skipped (no {repo} clone; run `vaepatch fetch {kind}`)"
-    rows += measure_upstream(kind, samples, args.steps, args.warmup, args.rss_steps, args.threads)
+    rows += measure_upstream(model, samples, args.steps, args.warmup, args.rss_steps, args.threads)
     return f"{label}: {repo} clone at {clone}, {what}"
 
 
@@ -364,7 +389,10 @@ def main(argv=None) -> int:
     parser.add_argument("--vdvae", choices=["auto", "off"], default="auto",
                         help="also measure a tiny openai/vdvae when a clone is found (auto)")
     parser.add_argument("--nvae", choices=["auto", "off"], default="auto",
-                        help="also measure a tiny NVlabs/NVAE when a clone is found (auto)")
+                        help="also measure NVlabs/NVAE when a clone is found (auto)")
+    parser.add_argument("--nvae-size", choices=["tiny", "cifar10"], default="tiny",
+                        help="tiny (default), or cifar10: the NVAE README's CIFAR-10 model at batch 2 "
+                             "(~14 s a plain step on one thread: use a few --steps)")
     args = parser.parse_args(argv)
     for key, value in {**DEFAULTS, **(QUICK if args.quick else {})}.items():
         if getattr(args, key) is None:
