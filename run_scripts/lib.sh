@@ -42,7 +42,11 @@ require_cifar() {
 for_each_run() {
   local run_one=$1 index=0 variant seed name run port
   mkdir -p "$OUT"
-  IFS=, read -r -a variant_list <<< "$VARIANTS"
+  if [[ $VARIANTS == *";"* ]]; then  # ';' separates variants whose specs have commas (upbounded1,ou=0.9x5)
+    IFS=';' read -r -a variant_list <<< "$VARIANTS"
+  else
+    IFS=, read -r -a variant_list <<< "$VARIANTS"
+  fi
   IFS=, read -r -a seed_list <<< "$SEEDS"
   for variant in "${variant_list[@]}"; do
     for seed in "${seed_list[@]}"; do

@@ -16,7 +16,8 @@
 set -euo pipefail
 
 usage() { sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; echo
-  echo "options: --variants A,B --seeds 0,1,2 --gpus N --epochs E --data DIR --out DIR"
+  echo "options: --variants A,B (or 'A;B,ou=0.9x5': ; when a spec has commas) --seeds 0,1,2"
+  echo "         --gpus N --epochs E --data DIR --out DIR"
   echo "         --upstream PATH --port BASE --smoke   [-- train.py args]"; }
 
 . "$(dirname "${BASH_SOURCE[0]}")/lib.sh"

@@ -151,3 +151,17 @@ def test_script_without_data_says_where_to_get_it(tmp_path):
     result = subprocess.run(["bash", str(Path(__file__).resolve().parents[1] / "run_scripts" / "nvae_cifar.sh"), "--out", str(tmp_path)],
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 2 and "cifar-10-python.tar.gz" in result.stderr and "--smoke" in result.stderr
+
+
+@pytest.mark.parametrize("variants, expected", [
+    ("vanilla,upbounded1", ["vanilla", "upbounded1"]),
+    ("vanilla;upbounded1,ou=0.9x5;explin-cst1", ["vanilla", "upbounded1,ou=0.9x5", "explin-cst1"]),
+    ("upbounded1,ou=0.9x5;", ["upbounded1,ou=0.9x5"]),  # one spec with commas (the Slurm template's form)
+])
+def test_run_scripts_split_variants_on_semicolons_when_a_spec_has_commas(tmp_path, variants, expected):
+    lib = Path(__file__).resolve().parents[1] / "run_scripts" / "lib.sh"
+    script = (f'. "{lib}"; VARIANTS="{variants}" SEEDS=0,1 OUT="{tmp_path}"; '
+              'show() { echo "$1|$2|$3"; }; for_each_run show')
+    result = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == [f"{v}|{s}|{v}-seed{s}" for v in expected for s in (0, 1)]
