@@ -267,7 +267,7 @@ def measure_mlp(samples_list, steps, warmup, rss_steps, threads) -> list:
 # CIFAR-10 command (run_scripts/nvae_cifar.sh): 131M parameters, ~14 s a step on one CPU thread at batch 2.
 NVAE_SIZES = {
     "nvae": ("tiny nvae (16 ch, 2x2 groups, batch 8)", {}, 8),
-    "nvae-cifar10": ("nvae cifar10 (128 ch, 30 groups, batch 2)",
+    "nvae-cifar10": ("nvae cifar10 128ch 30 groups batch 2",
                      dict(num_channels_enc=128, num_channels_dec=128, num_preprocess_cells=2, num_postprocess_cells=2,
                           num_latent_scales=1, num_groups_per_scale=30, num_latent_per_group=20,
                           num_cell_per_cond_enc=2, num_cell_per_cond_dec=2), 2),
