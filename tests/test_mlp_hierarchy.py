@@ -11,13 +11,7 @@ from vaepatch.variant import OU
 SMALL = dict(x_dim=30, latents=(6, 5, 4), hidden=24)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: a second intra-op thread only adds contention on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _model(variant=None, seed=0, **kw):

@@ -41,6 +41,7 @@ import torch
 from torch import nn
 
 from vaepatch import gaussian, scales
+from vaepatch.bench import fill_defaults
 from vaepatch.mnist import MNIST_SOURCE, load_mnist  # noqa: F401  (load_mnist: part of this bench's API)
 
 ALPHA = "1/(256*sqrt(12))"  # the 8-bit quantization noise std on the 0..1 scale
@@ -308,10 +309,7 @@ def main(argv=None) -> int:
     parser.add_argument("--epochs", type=int, help="epoch cap per run")
     parser.add_argument("--batch-size", type=int, default=128)
     args = parser.parse_args(argv)
-    chosen = {**DEFAULTS, **(QUICK if args.quick else {})}
-    for key in chosen:
-        if getattr(args, key) is None:
-            setattr(args, key, chosen[key])
+    fill_defaults(args, DEFAULTS, QUICK)
 
     mus = [m.strip() for m in args.mu.split(",") if m.strip()]
     if not mus or any(m not in MUS for m in mus):

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from vaepatch.bench import fill_defaults
 from vaepatch.mnist import MNIST_SOURCE, load_mnist
 from vaepatch.models.mlp_hierarchy import ACTIVE_THRESHOLD, MLPHierarchy, binarize, train
 from vaepatch.variant import OU, Variant
@@ -261,6 +262,19 @@ def _parse_rhos(text):
     return rhos
 
 
+def add_training_args(parser) -> None:
+    """The MLP-hierarchy training flags ou-collapse and phase share (seed, K, scales, size, optimiser, data, jobs)."""
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--samples", type=int, help="K, OU copies per prior")
+    parser.add_argument("--base", default="vanilla", help="variant for the scales (default: exp on both sides)")
+    parser.add_argument("--latents", default="40,40,40,40")
+    parser.add_argument("--batch", type=int, default=100)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--n-train", type=int)
+    parser.add_argument("--n-val", type=int)
+    parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="parallel runs (1 thread each)")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="vaepatch bench ou-collapse", description=__doc__.split("\n\n")[1],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -270,23 +284,12 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="smoke size; explicit flags still win")
     parser.add_argument("--steps", type=int, help="training steps per run")
     parser.add_argument("--seeds", type=int, help="seeds per config (seed, seed+1, ...)")
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--rhos", help="comma-separated OU rho values (besides vanilla)")
-    parser.add_argument("--samples", type=int, help="K, OU copies per prior")
-    parser.add_argument("--base", default="vanilla", help="variant for the scales (default: exp on both sides)")
-    parser.add_argument("--latents", default="40,40,40,40")
-    parser.add_argument("--batch", type=int, default=100)
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--n-train", type=int)
-    parser.add_argument("--n-val", type=int)
+    add_training_args(parser)
     parser.add_argument("--k", type=int, help="importance samples of the L_k bound")
     parser.add_argument("--passes", type=int, help="stochastic passes per image for the corrected active units")
-    parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="parallel runs (1 thread each)")
     args = parser.parse_args(argv)
-    chosen = {**DEFAULTS, **(QUICK if args.quick else {})}
-    for key, value in chosen.items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
+    fill_defaults(args, DEFAULTS, QUICK)
     try:
         rhos = _parse_rhos(args.rhos)
         latents = tuple(int(v) for v in args.latents.split(","))

@@ -36,6 +36,7 @@ from pathlib import Path
 
 import torch
 
+from vaepatch.bench import fill_defaults
 from vaepatch.models.mlp_hierarchy import MLPHierarchy
 
 __all__ = ["mlp_flops", "saved_bytes", "measure_mlp", "measure_upstream", "main"]
@@ -394,9 +395,7 @@ def main(argv=None) -> int:
                         help="tiny (default), or cifar10: the NVAE README's CIFAR-10 model at batch 2 "
                              "(~14 s a plain step on one thread: use a few --steps)")
     args = parser.parse_args(argv)
-    for key, value in {**DEFAULTS, **(QUICK if args.quick else {})}.items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
+    fill_defaults(args, DEFAULTS, QUICK)
     try:
         samples = [int(v) for v in str(args.samples).split(",") if v.strip()]
     except ValueError:

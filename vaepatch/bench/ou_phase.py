@@ -14,14 +14,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-from vaepatch.bench.ou_collapse import ENV, DEFAULT_DATA, load_data, run_jobs
+from vaepatch.bench import fill_defaults
+from vaepatch.bench.ou_collapse import ENV, DEFAULT_DATA, add_training_args, load_data, run_jobs
 from vaepatch.variant import Variant
 
 __all__ = ["critical_rho", "main"]
@@ -82,22 +82,12 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="smoke size; explicit flags still win")
     parser.add_argument("--rhos", help="comma-separated grid of rho (1 = plain model)")
     parser.add_argument("--seeds", type=int)
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--steps", type=int, help="training steps per run (the same at every rho)")
-    parser.add_argument("--samples", type=int, help="K, OU copies per prior")
-    parser.add_argument("--base", default="vanilla", help="variant for the scales (default: exp on both sides)")
-    parser.add_argument("--latents", default="40,40,40,40")
-    parser.add_argument("--batch", type=int, default=100)
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--n-train", type=int)
-    parser.add_argument("--n-val", type=int)
+    add_training_args(parser)
     parser.add_argument("--k", type=int, help="passes averaged for the validation KL")
     parser.add_argument("--floor", type=float, default=0.5, help="smallest plateau (nats) with a critical rho")
-    parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="parallel runs (1 thread each)")
     args = parser.parse_args(argv)
-    for key, value in {**DEFAULTS, **(QUICK if args.quick else {})}.items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
+    fill_defaults(args, DEFAULTS, QUICK)
     try:
         rhos = sorted({float(v) for v in args.rhos.split(",") if v.strip()})
         latents = tuple(int(v) for v in args.latents.split(","))
