@@ -1,5 +1,5 @@
 """Shared by the NVAE tests: find a usable NVlabs/NVAE clone (or skip saying why and how to get
-one), import it in isolation with vaepatch.compat's NVAE shims, and build a tiny AutoEncoder.
+one), import it in isolation with vaepatch's NVAE shims (vaepatch.targets.nvae.shims), and build a tiny AutoEncoder.
 
 NVAE's top-level module names (``utils``, ``model``, ``datasets``, ...) collide with other
 code, openai/vdvae's ``utils`` among them, so :func:`nvae_imported` takes them out of
@@ -14,8 +14,9 @@ import sys
 import pytest
 import torch
 
-from vaepatch import compat
-from vaepatch.bench import nvae_steptime
+from vaepatch.runs import shims as runs_shims
+from vaepatch.targets.nvae import shims as nvae_shims
+from vaepatch.targets.nvae import tiny as nvae_tiny
 from tests.vdvae_support import usable_clone
 
 # top-level names the NVAE clone defines (modules and packages)
@@ -53,7 +54,7 @@ def _nvae_entries():
 @contextlib.contextmanager
 def nvae_imported(path):
     """NVAE's ``distributions`` and ``model`` imported from ``path`` with the NVAE shims on (CPU):
-    yields a dict with those two modules and ``shims`` (the compat.Installed to revert on exit).
+    yields a dict with those two modules and ``shims`` (the runs_shims.Installed to revert on exit).
 
     On exit: vaepatch's NVAE patches reverted, the shims uninstalled, NVAE's modules and the
     clone's sys.path entry removed, and whatever those names were before put back.
@@ -67,7 +68,7 @@ def nvae_imported(path):
     sys.path.insert(0, entry)
     state = {}  # "shims": the Installed to revert on exit (a test may reinstall and replace it)
     try:
-        state["shims"] = compat.install(compat.needed(cpu=True, shims=compat.NVAE_SHIMS))
+        state["shims"] = runs_shims.install(runs_shims.needed(True, nvae_shims.SHIMS))
         import distributions
         import model
         state.update(distributions=distributions, model=model)
@@ -84,12 +85,12 @@ def nvae_imported(path):
 
 
 def tiny_args(**overrides):
-    return nvae_steptime.tiny_args(TINY_ARGS, **overrides)
+    return nvae_tiny.tiny_args(TINY_ARGS, **overrides)
 
 
 def tiny_model(seed=0, **overrides):
     """A tiny NVAE AutoEncoder on CPU (in train mode, as upstream's training loop runs it)."""
-    return nvae_steptime.tiny_nvae(seed, TINY_ARGS, **overrides)
+    return nvae_tiny.tiny_nvae(seed, TINY_ARGS, **overrides)
 
 
 def cifar_like(batch=2, seed=0):
@@ -114,7 +115,7 @@ def sync_bn_worker(rank, world, store, queue):
     """One gloo process: vaepatch's CPU batch norm on its share of the batch; results to ``queue``."""
     import torch.distributed as dist
 
-    from vaepatch.compat import _batch_norm_cpu
+    from vaepatch.targets.nvae.shims import _batch_norm_cpu
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from vaepatch import upstream
-from vaepatch.bench import nvae_steptime
+from vaepatch.targets.nvae import steptime as nvae_steptime
 from tests.nvae_support import require_nvae
 
 REPO = Path(__file__).resolve().parents[1]
@@ -29,7 +29,7 @@ def _python(args, clone):
 
 MEASURE = """
 import json
-from vaepatch.bench.nvae_steptime import measure
+from vaepatch.targets.nvae.steptime import measure
 print(json.dumps({v: measure(v, steps=2, warmup=0, threads=1)["losses"] for v in ("vanilla", "upbounded1", "explin")}))
 """
 

@@ -7,19 +7,21 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from vaepatch import compat
+from vaepatch.runs import shims as runs_shims
+from vaepatch.targets.vdvae import shims as vdvae_shims
+from vaepatch.targets.nvae import shims as nvae_shims
 
 
 def _shim(name):
-    return next(s for s in compat.VDVAE_SHIMS if s.name == name)
+    return next(s for s in vdvae_shims.SHIMS if s.name == name)
 
 
 def test_needed_on_this_machine_follows_the_checks():
-    cpu_names = {s.name for s in compat.needed(cpu=True)}
-    gpu_names = {s.name for s in compat.needed(cpu=False)}
+    cpu_names = {s.name for s in runs_shims.needed(True, vdvae_shims.SHIMS)}
+    gpu_names = {s.name for s in runs_shims.needed(False, vdvae_shims.SHIMS)}
     assert {"cpu-cuda-calls", "cpu-set-device", "cpu-gloo", "cpu-ddp-device-ids"} <= cpu_names
     assert not any(n.startswith("cpu-") for n in gpu_names)
-    assert ("apex-fusedadam" in gpu_names) == (not compat._importable("apex.optimizers"))
+    assert ("apex-fusedadam" in gpu_names) == (not runs_shims.importable("apex.optimizers"))
     assert ("numpy-vstack-generator" in gpu_names) == (tuple(map(int, np.__version__.split(".")[:2])) >= (1, 24))
 
 
@@ -41,7 +43,7 @@ def test_apex_stand_in_is_adamw_and_steps_identically():
                 model(x).pow(2).sum().backward()
                 opt.step()
         assert torch.equal(a.weight, b.weight) and torch.equal(a.bias, b.bias)
-        with pytest.raises(compat.CompatError, match="adam_w_mode"):
+        with pytest.raises(runs_shims.CompatError, match="adam_w_mode"):
             FusedAdam(a.parameters(), adam_w_mode=False)
     finally:
         undo()
@@ -55,7 +57,7 @@ def test_torchvision_stand_in_imports_but_says_what_is_missing_when_used():
         from torchvision.datasets import ImageFolder
         import torchvision.transforms as transforms
 
-        with pytest.raises(compat.CompatError, match=r"torchvision.*torch " + torch.__version__.split("+")[0]):
+        with pytest.raises(runs_shims.CompatError, match=r"torchvision.*torch " + torch.__version__.split("+")[0]):
             ImageFolder("x", transforms.ToTensor())
     finally:
         undo()
@@ -68,19 +70,19 @@ def test_a_module_that_fails_to_import_counts_as_absent_and_is_cleaned_up(tmp_pa
     (pkg / "__init__.py").write_text("from . import ops\n")
     (pkg / "ops.py").write_text("raise RuntimeError('operator torchvision::nms does not exist')\n")
     monkeypatch.syspath_prepend(str(tmp_path))
-    assert compat._importable("brokenvision") is False
+    assert runs_shims.importable("brokenvision") is False
     assert not [m for m in sys.modules if m.startswith("brokenvision")]
-    assert compat._importable("json") is True
+    assert runs_shims.importable("json") is True
 
 
 def test_vstack_proxy_accepts_generators_and_is_numpy_otherwise():
-    proxy = compat._NumpyAcceptingGenerators()
+    proxy = runs_shims.NumpyAcceptingGenerators()
     rows = [np.arange(3), np.arange(3, 6)]
     assert np.array_equal(proxy.vstack(r for r in rows), np.vstack(rows))
     assert np.array_equal(proxy.vstack(rows), np.vstack(rows))
     assert proxy.asarray is np.asarray and proxy.float32 is np.float32
     assert proxy.sum(x for x in (1, 2, 3)) == 6 and proxy.sum(np.ones((2, 2)), axis=0).tolist() == [2.0, 2.0]
-    if compat._vstack_rejects_generators():
+    if vdvae_shims._vstack_rejects_generators():
         with pytest.raises(TypeError):
             np.vstack(r for r in rows)  # the upstream line this shim exists for
 
@@ -91,7 +93,7 @@ def test_vstack_shim_patches_only_the_upstream_data_module(monkeypatch):
     monkeypatch.setitem(sys.modules, "data", data)
     undo = _shim("numpy-vstack-generator").install()
     try:
-        assert isinstance(data.np, compat._NumpyAcceptingGenerators)
+        assert isinstance(data.np, runs_shims.NumpyAcceptingGenerators)
         assert data.np.vstack(r for r in ([1, 2], [3, 4])).shape == (2, 2)
         assert sys.modules["numpy"] is np  # numpy itself is untouched
     finally:
@@ -168,11 +170,11 @@ def test_install_is_all_or_nothing():
     def broken():
         raise RuntimeError("boom")
 
-    shims = [compat.Shim("ok", "", lambda cpu: True, ok), compat.Shim("broken", "", lambda cpu: True, broken)]
+    shims = [runs_shims.Shim("ok", "", lambda cpu: True, ok), runs_shims.Shim("broken", "", lambda cpu: True, broken)]
     with pytest.raises(RuntimeError, match="boom"):
-        compat.install(shims)
+        runs_shims.install(shims)
     assert undone == ["ok"]
-    done = compat.install(shims[:1])
+    done = runs_shims.install(shims[:1])
     assert done.names == ["ok"]
     done.revert()
     done.revert()  # idempotent
@@ -191,14 +193,14 @@ def test_namespace_load_shim_lets_nvae_checkpoints_load_and_undoes_exactly():
         buffer.seek(0)
         return torch.load(buffer, map_location="cpu")["args"]
 
-    if not compat._load_rejects_namespace():
+    if not nvae_shims._load_rejects_namespace():
         pytest.skip("this torch loads an argparse.Namespace by default: the shim is not needed here")
     with pytest.raises(Exception, match="Namespace"):
         load_namespace()
-    undo = compat._install_namespace_load()
+    undo = nvae_shims._install_namespace_load()
     try:
         assert load_namespace() == argparse.Namespace(seed=3)
-        assert compat._load_rejects_namespace()  # installed, the machine still needs it
+        assert nvae_shims._load_rejects_namespace()  # installed, the machine still needs it
         before_undo = list(serialization.get_safe_globals())
     finally:
         undo()

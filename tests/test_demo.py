@@ -2,7 +2,8 @@
 import json
 import re
 
-from vaepatch import demo, events, report
+from vaepatch import demo, report
+from vaepatch.runs import events
 
 KEYS = {"target", "variant", "variant_spec", "upstream_commit", "vaepatch_version", "seed", "argv", "host",
         "started", "status", "ended"}

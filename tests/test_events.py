@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from vaepatch.events import REASONS, Counts, EventLog, EventWriter, count, read
+from vaepatch.runs.events import REASONS, Counts, EventLog, EventWriter, count, read
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -101,7 +101,7 @@ def test_flushed_per_line_visible_to_other_processes(tmp_path):
     path = tmp_path / "events.jsonl"
     reader = """
         import sys
-        from vaepatch.events import read
+        from vaepatch.runs.events import read
         log = read(sys.argv[1])
         print(len(log.events), len(log.problems), log.events[-1]["step"])
     """
@@ -124,7 +124,7 @@ def test_sigkill_loses_no_written_line(tmp_path):
     path = tmp_path / "events.jsonl"
     writer = """
         import sys, time
-        from vaepatch.events import EventWriter
+        from vaepatch.runs.events import EventWriter
         w = EventWriter(sys.argv[1], rank=0)
         for step in range(int(sys.argv[2])):
             w.write(step, 1.0 / (step + 1), 0.5, False, None, 0.01)
@@ -169,7 +169,7 @@ def test_two_ranks_two_processes_concurrently(tmp_path):
     go = tmp_path / "go"
     writer = """
         import os, sys, time
-        from vaepatch.events import EventWriter
+        from vaepatch.runs.events import EventWriter
         path, rank, n, go = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
         w = EventWriter(path, rank=rank)
         while not os.path.exists(go):

@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from vaepatch import events, launch
+from vaepatch.runs import events
+from vaepatch.targets.vdvae import launch
 from vaepatch.cli import main as cli
 
 

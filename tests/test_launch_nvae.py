@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from vaepatch import events
+from vaepatch.runs import events
 from vaepatch.cli import main as cli
-from vaepatch.launch import StopAtMaxSteps
-from vaepatch.launch_nvae import StepRecorder, recording_scaler
+from vaepatch.runs.recorder import StopAtMaxSteps
+from vaepatch.targets.nvae.launch import StepRecorder, recording_scaler
 
 
 def _loop(recorder, scaler, model, optimizer, batches, global_step=0, poison=None):

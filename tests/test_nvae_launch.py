@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from vaepatch import cifar_format, events, report
-from vaepatch.bench.vdvae_stress import free_port
+from vaepatch import cifar_format, report
+from vaepatch.runs import events
+from vaepatch.targets.vdvae.stress import free_port
 from tests.nvae_support import nvae_clone
 
 CLONE, WHY_NOT = nvae_clone()

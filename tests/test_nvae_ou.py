@@ -50,7 +50,7 @@ def _loss(model, x, seed=1, grad=True):
 
 def _spy(monkeypatch, change=None):
     """Calls of nvae_ou.smoothed_prior in the next passes: (args, result); ``change`` edits the args."""
-    from vaepatch.targets import nvae_ou
+    from vaepatch.targets.nvae import ou as nvae_ou
 
     calls, original = [], nvae_ou.smoothed_prior
 
@@ -134,7 +134,7 @@ def test_the_prior_in_the_kl_is_the_smoothed_one_and_the_posterior_is_not(nvae, 
 
 
 def test_smoothing_lowers_the_variance_of_the_prior_across_posterior_draws(nvae, monkeypatch):
-    from vaepatch.targets.nvae_ou import smoothed_prior
+    from vaepatch.targets.nvae.ou import smoothed_prior
 
     model, x = _model(**SHAPES[1]), cifar_like(4)
     vaepatch.apply("upbounded1,ou=0.5x3", target="nvae")

@@ -1,6 +1,6 @@
 """vaepatch.apply(..., target="nvae") against a real NVlabs/NVAE clone at the pinned commit.
 
-A tiny ``model.AutoEncoder`` is built on CPU with vaepatch.compat's NVAE shims installed (and
+A tiny ``model.AutoEncoder`` is built on CPU with vaepatch's NVAE shims (vaepatch.targets.nvae.shims) installed (and
 uninstalled after). Each variant's per-group KL, log q and log p are checked against an
 independent float64 computation from the raw head outputs captured during the same forward.
 Every test needs the clone ($VAEPATCH_NVAE or third_party/nvae); without one each is skipped
@@ -17,7 +17,8 @@ import pytest
 import torch
 
 import vaepatch
-from vaepatch import compat
+from vaepatch.runs import shims as runs_shims
+from vaepatch.targets.nvae import shims as nvae_shims
 from vaepatch.patching import PatchSet
 from tests.nvae_support import cifar_like, nvae_clone, tiny_model
 
@@ -357,7 +358,7 @@ def test_apply_twice_is_noop_and_swap_is_clean(plain_model, nvae):
 
 
 def test_fingerprints_match_the_pinned_clone(nvae):
-    from vaepatch.targets import nvae as target
+    from vaepatch.targets.nvae import patch as target
 
     patches = target.build(vaepatch.Variant.parse("upbounded1,ou=0.9x5"), nvae)  # OU adds Normal.sample
     assert PatchSet(patches).check() == []
@@ -397,34 +398,34 @@ def test_clear_errors(tmp_path):
 
 def test_missing_import_says_which_shims_to_install():
     """A fresh interpreter without tensorboardX: apply(target="nvae") names the compat shims."""
-    if compat._importable("tensorboardX"):
+    if runs_shims.importable("tensorboardX"):
         pytest.skip("tensorboardX is installed here, so NVAE imports without the shims")
     code = ("import vaepatch\n"
             "try:\n    vaepatch.apply('upbounded1', target='nvae')\n"
             "except vaepatch.upstream.UpstreamError as e:\n    print(e)\n")
     env = {**os.environ, "VAEPATCH_NVAE": str(CLONE)}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
-    assert "No module named 'tensorboardX'" in out.stdout and "NVAE_SHIMS" in out.stdout, out.stdout + out.stderr
+    assert "No module named 'tensorboardX'" in out.stdout and "vaepatch.targets.nvae.shims.install" in out.stdout, out.stdout + out.stderr
 
 
 # ----------------------------------------------------------------- the NVAE compat shims
 
 def _shim(name):
-    return next(s for s in compat.NVAE_SHIMS if s.name == name)
+    return next(s for s in nvae_shims.SHIMS if s.name == name)
 
 
 def test_shims_are_on_only_when_needed(nvae):
-    gpu = {s.name for s in compat.needed(cpu=False, shims=compat.NVAE_SHIMS)}
+    gpu = {s.name for s in runs_shims.needed(False, nvae_shims.SHIMS)}
     assert not any(n.startswith("cpu-") for n in gpu)
     for name, module in (("tensorboardx-stub", "tensorboardX"), ("lmdb-stub", "lmdb"), ("torchvision-stub-nvae", "torchvision")):
-        assert (name in gpu) == (not compat._importable(module))
-    assert all(s.fixes for s in compat.NVAE_SHIMS)
-    assert nvae["shims"].names == [s.name for s in compat.needed(cpu=True, shims=compat.NVAE_SHIMS)]
+        assert (name in gpu) == (not runs_shims.importable(module))
+    assert all(s.fixes for s in nvae_shims.SHIMS)
+    assert nvae["shims"].names == [s.name for s in runs_shims.needed(True, nvae_shims.SHIMS)]
 
 
 def test_train_py_imports_under_the_shims_and_missing_packages_say_so(nvae):
     """train.py's whole import chain (datasets, lmdb, lsun, fid) loads; using a stand-in raises."""
-    if compat._importable("torchvision") or compat._importable("lmdb"):
+    if runs_shims.importable("torchvision") or runs_shims.importable("lmdb"):
         pytest.skip("torchvision and lmdb are installed here: their stand-ins are not in use")
     import datasets
     import lmdb
@@ -434,16 +435,16 @@ def test_train_py_imports_under_the_shims_and_missing_packages_say_so(nvae):
     assert callable(train.main) and callable(train.init_processes)
     assert issubclass(datasets.StackedMNIST, sys.modules["torchvision.datasets"].MNIST)
     assert issubclass(sys.modules["thirdparty.lsun"].LSUNClass, VisionDataset)
-    with pytest.raises(compat.CompatError, match="torchvision.datasets.MNIST was used.*torchvision"):
+    with pytest.raises(runs_shims.CompatError, match="torchvision.datasets.MNIST was used.*torchvision"):
         datasets.dset.MNIST(root="x", train=True, download=True)
     with pytest.raises(FileNotFoundError, match="vaepatch make-data"):  # CIFAR10 works, and never downloads
         datasets.dset.CIFAR10(root="x", train=True, download=True)
-    with pytest.raises(compat.CompatError, match="pip install lmdb"):
+    with pytest.raises(runs_shims.CompatError, match="pip install lmdb"):
         lmdb.open("x")
 
 
 def test_tensorboardx_stand_in_writes_nothing(nvae):
-    if compat._importable("tensorboardX"):
+    if runs_shims.importable("tensorboardX"):
         pytest.skip("tensorboardX is installed here: its stand-in is not in use")
     import utils
 
@@ -457,7 +458,7 @@ def test_count_parameters_works_on_todays_numpy(nvae):
     model = tiny_model(seed=6)
     expected = sum(p.numel() for p in model.parameters()) / 1e6
     assert utils.count_parameters_in_M(model) == pytest.approx(expected)
-    assert ("numpy-sum-generator" in nvae["shims"].names) == compat._sum_rejects_generators()
+    assert ("numpy-sum-generator" in nvae["shims"].names) == nvae_shims._sum_rejects_generators()
     assert utils.np.asarray is np.asarray
 
 
@@ -484,10 +485,10 @@ def test_cpu_batch_norms_match_torch_and_are_restored(nvae):
         assert "cuda" not in vars(torch.Tensor) and torch.nn.Module.cuda.__module__ == "torch.nn.modules.module"
         with pytest.raises(ValueError, match="expected input tensor to be on GPU"):
             swish_bn(x)  # upstream's own line, which the shim exists for
-        assert "tensorboardX" not in sys.modules or compat._importable("tensorboardX")
+        assert "tensorboardX" not in sys.modules or runs_shims.importable("tensorboardX")
         assert sys.modules["utils"].np is np
     finally:
-        nvae["shims"] = shims = compat.install(compat.needed(cpu=True, shims=compat.NVAE_SHIMS))
+        nvae["shims"] = shims = runs_shims.install(runs_shims.needed(True, nvae_shims.SHIMS))
     assert shims.names and SyncBatchNormSwish.__dict__["forward"] is not forwards[0]
     torch.testing.assert_close(swish_bn(x), out)
 
@@ -533,7 +534,7 @@ def test_decoder_scale_on_logistic_pixels_warns(nvae):
 
 def test_cifar10_stand_in_feeds_nvae_loader_the_images_unchanged(nvae, tmp_path):
     """NVAE's own cifar10 pipeline (CIFAR10 + RandomHorizontalFlip + ToTensor) on make-data's files."""
-    if compat._importable("torchvision"):
+    if runs_shims.importable("torchvision"):
         pytest.skip("torchvision is installed here: its stand-in is not in use")
     import argparse
 

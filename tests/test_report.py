@@ -6,7 +6,8 @@ import math
 
 import pytest
 
-from vaepatch import events, report
+from vaepatch import report
+from vaepatch.runs import events
 
 NAN = float("nan")
 

@@ -589,3 +589,24 @@ def test_bad_specs_raise_value_error_naming_problem_and_accepted(bad, problem):
         assert name in msg.split("accepted", 1)[1], f"{name} missing from: {msg}"
     if isinstance(bad, str) and bad:
         assert repr(bad) in msg or bad in msg  # the offending input is quoted
+
+
+def test_one_registration_fills_the_parser_the_names_and_the_accepted_text():
+    """A parameterization is declared once (scales.register); get, names and accepted all see it."""
+    @scales.register("halved", params={"k": 2.0}, description="sigma = exp(p) / k, for this test")
+    def _halved(p, k):
+        return torch.exp(p) / k, p - math.log(k)
+
+    try:
+        scale = scales.get("halved(4)")
+        assert scale.spec == "halved(4)" and scales.get("halved").args == (2.0,)
+        assert scales.names()["halved"] == "sigma = exp(p) / k, for this test"
+        assert "halved(k>0)" in scales.accepted()
+        with pytest.raises(ValueError, match=r"k must be a finite number > 0.*halved\(k>0\)"):
+            scales.get("halved(-1)")
+        # the 16-bit rule comes with the registration: float16 in, float32 math, float16 out
+        value, log_value = scale(torch.tensor([-20.0], dtype=torch.float16))
+        assert value.dtype == log_value.dtype == torch.float16
+        assert float(log_value) == pytest.approx(-20.0 - math.log(4.0), abs=0.02)
+    finally:
+        scales._REGISTRY.pop("halved")

@@ -9,7 +9,7 @@ import pytest
 
 git = pytest.importorskip("git")
 
-from vaepatch import upstream  # noqa: E402
+from vaepatch import fetch_command, upstream  # noqa: E402
 from vaepatch.upstream import Pin, UpstreamError  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -244,43 +244,43 @@ def test_add_to_path_is_idempotent(tmp_path, monkeypatch):
 
 def test_cli_check_missing_then_ok_then_dirty(toy, capsys):
     p, c1, _, tmp = toy
-    assert upstream.cli_fetch(["--check"]) == 1
+    assert fetch_command.main(["--check"]) == 1
     out = capsys.readouterr().out
     assert out.splitlines()[0].split() == ["target", "path", "commit", "status"]
     assert "missing" in out and "run: vaepatch fetch toy" in out
 
-    assert upstream.cli_fetch(["toy", "--source", p.url]) == 0
+    assert fetch_command.main(["toy", "--source", p.url]) == 0
     capsys.readouterr()
-    assert upstream.cli_fetch(["--check"]) == 0
+    assert fetch_command.main(["--check"]) == 0
     row = capsys.readouterr().out.splitlines()[1].split()
     assert row == ["toy", str(tmp / "home" / "toy"), c1[:12], "ok"]
 
     (tmp / "home" / "toy" / "README").write_text("changed\n")
-    assert upstream.cli_fetch(["toy", "--check"]) == 1
+    assert fetch_command.main(["toy", "--check"]) == 1
     out = capsys.readouterr().out
     assert "dirty" in out and "README" in out
 
 
 def test_cli_errors_exit_2_without_traceback(toy, capsys):
     _, c1, _, tmp = toy
-    assert upstream.cli_fetch(["toy", "--source", str(tmp / "no-such-source")]) == 2
+    assert fetch_command.main(["toy", "--source", str(tmp / "no-such-source")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "Traceback" not in err
     assert "run: vaepatch fetch toy --source" in err
 
-    assert upstream.cli_fetch(["nosuch"]) == 2
+    assert fetch_command.main(["nosuch"]) == 2
     assert "invalid choice" in capsys.readouterr().err
-    assert upstream.cli_fetch(["--check", "--force"]) == 2
-    assert upstream.cli_fetch(["--source", "x"]) == 2  # --source needs one target
-    assert upstream.cli_fetch(["--help"]) == 0
+    assert fetch_command.main(["--check", "--force"]) == 2
+    assert fetch_command.main(["--source", "x"]) == 2  # --source needs one target
+    assert fetch_command.main(["--help"]) == 0
     assert "vaepatch fetch" in capsys.readouterr().out
 
 
 def test_cli_all_with_dest_uses_subdirectories(toy, capsys):
     p, c1, _, tmp = toy
     upstream.fetch("toy", source=p.url, dest=tmp / "base" / "toy")
-    assert upstream.cli_fetch(["all", "--dest", str(tmp / "base")]) == 0
+    assert fetch_command.main(["all", "--dest", str(tmp / "base")]) == 0
     assert "already at pinned commit" in capsys.readouterr().out
-    assert upstream.cli_fetch(["--check", "--dest", str(tmp / "base")]) == 0
+    assert fetch_command.main(["--check", "--dest", str(tmp / "base")]) == 0
     statuses = upstream.check(tmp / "base")
     assert [s.ok for s in statuses] == [True]

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from vaepatch import cifar_format, events, report
+from vaepatch import cifar_format, report
+from vaepatch.runs import events
 from tests.vdvae_support import require_vdvae, vdvae_clone
 
 CLONE, WHY_NOT = vdvae_clone()
@@ -58,7 +59,8 @@ def _upstream_train_losses(out):
 
 def test_upstream_traps_get_clear_messages():
     require_vdvae()
-    from vaepatch.launch import LaunchError, check_vdvae_args
+    from vaepatch.runs.manifest import LaunchError
+    from vaepatch.targets.vdvae.launch import check_vdvae_args
 
     with pytest.raises(LaunchError, match="needs --hps.*cifar10"):
         check_vdvae_args(["--seed", "1"])

@@ -23,7 +23,7 @@ def _clean():
 
 @pytest.fixture
 def model():
-    from vaepatch.bench.vdvae_steptime import tiny_vae
+    from vaepatch.targets.vdvae.tiny import tiny_vae
 
     torch.manual_seed(0)
     m = tiny_vae(seed=0, dec_blocks=DEC)[1]
@@ -34,7 +34,7 @@ def model():
 
 @pytest.fixture
 def batch():
-    from vaepatch.bench.vdvae_steptime import cifar_like_batch
+    from vaepatch.targets.vdvae.tiny import batch as cifar_like_batch
 
     return cifar_like_batch(4, seed=0)[0]
 
@@ -47,7 +47,7 @@ def _loss(model, batch, seed=1, grad=True):
 
 def _sources(model, batch, variant):
     """Run one training pass and keep, per block, its input x and the OU source it received."""
-    from vaepatch.targets import vdvae as target
+    from vaepatch.targets.vdvae import patch as target
 
     seen = []
     original = target.smoothed_prior
@@ -85,7 +85,8 @@ def test_smoothing_changes_training_loss_but_not_eval(model, batch):
 def test_the_deterministic_path_is_redone_exactly_at_rho_one(model, batch):
     """smoothed_prior at ρ = 1 must give back the block's own prior head output — for a block fed by
     the previous block at the same resolution and for one fed through a mixin upsampling."""
-    from vaepatch.targets.vdvae import _split_prior, smoothed_prior
+    from vaepatch.targets.vdvae.ou import smoothed_prior
+    from vaepatch.targets.vdvae.ou import split_prior as _split_prior
 
     seen = _sources(model, batch, "upbounded1,ou=0.5x3")
     kinds = {block.mixin is None for block, _, _ in seen}
@@ -100,7 +101,7 @@ def test_the_deterministic_path_is_redone_exactly_at_rho_one(model, batch):
 
 
 def test_smoothing_lowers_the_variance_of_the_prior_across_posterior_draws(model, batch):
-    from vaepatch.targets.vdvae import OUSource, smoothed_prior
+    from vaepatch.targets.vdvae.ou import OUSource, smoothed_prior
 
     seen = _sources(model, batch, "upbounded1,ou=0.5x3")
     prior = scales.get("upbounded1")

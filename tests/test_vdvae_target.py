@@ -47,14 +47,14 @@ def _clean():
 
 @pytest.fixture
 def model():
-    from vaepatch.bench.vdvae_steptime import tiny_vae
+    from vaepatch.targets.vdvae.tiny import tiny_vae
 
     return tiny_vae(seed=0)[1]
 
 
 @pytest.fixture
 def batch():
-    from vaepatch.bench.vdvae_steptime import cifar_like_batch
+    from vaepatch.targets.vdvae.tiny import batch as cifar_like_batch
 
     return cifar_like_batch(4, seed=0)[0]
 
@@ -156,7 +156,7 @@ def test_apply_twice_is_noop_and_swap_is_clean(model, batch):
 def test_fingerprints_match_the_pinned_clone():
     import vae
     import vae_helpers
-    from vaepatch.targets import vdvae as target
+    from vaepatch.targets.vdvae import patch as target
 
     patches = target.build(vaepatch.Variant.parse("upbounded1"), {"vae": vae, "vae_helpers": vae_helpers})
     assert PatchSet(patches).check() == []

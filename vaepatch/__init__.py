@@ -7,10 +7,9 @@
 See ``vaepatch.variants()`` for the built-in variants and ``vaepatch.scales`` for the
 parameterizations.
 """
-__version__ = "0.1.0"
-
 from vaepatch import gaussian, scales
-from vaepatch.targets import active, apply, patched, revert
+from vaepatch.api import active, apply, patched, revert
 from vaepatch.variant import OU, Variant, variants
+from vaepatch.version import __version__
 
 __all__ = ["apply", "revert", "patched", "active", "OU", "Variant", "variants", "scales", "gaussian", "__version__"]

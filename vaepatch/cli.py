@@ -38,9 +38,9 @@ def _variants(argv) -> int:
 
 
 def _bench(argv) -> int:
-    benches = {"numerics": "vaepatch.bench.numerics", "vdvae-step-time": "vaepatch.bench.vdvae_steptime",
-               "nvae-step-time": "vaepatch.bench.nvae_steptime",
-               "vdvae-stress": "vaepatch.bench.vdvae_stress", "overfit": "vaepatch.bench.overfit",
+    from vaepatch import targets
+
+    benches = {"numerics": "vaepatch.bench.numerics", **targets.benches(), "overfit": "vaepatch.bench.overfit",
                "decoder-variance": "vaepatch.bench.decoder_variance", "ou-collapse": "vaepatch.bench.ou_collapse",
                "phase": "vaepatch.bench.ou_phase", "ou-cost": "vaepatch.bench.ou_cost"}
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in benches:
@@ -56,13 +56,13 @@ def _bench(argv) -> int:
 
 
 def _fetch(argv) -> int:
-    from vaepatch.upstream import cli_fetch
+    from vaepatch.fetch_command import main as fetch_main
 
-    return cli_fetch(argv)
+    return fetch_main(argv)
 
 
 def _run(argv) -> int:
-    from vaepatch.launch import main as run_main
+    from vaepatch.run_command import main as run_main
 
     return run_main(argv)
 

@@ -17,18 +17,15 @@ naive_exp fails within the first 40 steps, so even ``--quick`` shows it.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import os
-import socket
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
-import vaepatch
-from vaepatch import events, report, scales
-from vaepatch.bench import overfit
+from vaepatch import report, scales
+from vaepatch.models import conv_vae
+from vaepatch.runs import events
+from vaepatch.runs import manifest as run_manifest
 
 TARGET = "conv-vae-overfit"
 LR = 0.008
@@ -36,18 +33,7 @@ ENCODERS = ("naive_exp", "exp", "explin", "upbounded1")
 DECODER = "bounded"
 
 
-def _now() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).astimezone().isoformat(timespec="seconds")
-
-
-def _write_json(path: Path, obj: dict) -> None:
-    """Atomic replace, as the launcher does: a killed run never leaves half a run.json."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
-def status_of(result: overfit.Result) -> str:
+def status_of(result: conv_vae.Result) -> str:
     if result.reason in ("nan_loss", "nan_grad"):
         return f"failed: NaN at step {result.step_failed}"
     return "diverged" if result.reason == "diverged" else "completed"
@@ -58,24 +44,21 @@ def run_one(out: str, encoder: str, decoder: str, seed: int, steps: int, lr: flo
     run_dir = Path(out) / f"{encoder}-seed{seed}"
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / events.FILENAME).unlink(missing_ok=True)  # a rerun replaces the run, never mixes two
-    encoder_spec = scales.get(overfit.ENCODERS.get(encoder, encoder)).spec
-    decoder_spec = scales.get(overfit.DECODERS.get(decoder, decoder)).spec
-    manifest = {
-        "target": TARGET, "variant": f"encoder={encoder},decoder={decoder}",
-        "variant_spec": f"encoder={encoder_spec},decoder={decoder_spec}", "upstream_commit": None,
-        "vaepatch_version": vaepatch.__version__, "seed": seed, "argv": list(argv), "host": socket.gethostname(),
-        "started": _now(), "status": "running", "ended": None,
-        "lr": lr, "steps": steps, "batch": overfit.BATCH, "loss_unit": "nats/image",
-    }
-    _write_json(run_dir / "run.json", manifest)
+    encoder_spec = scales.get(conv_vae.ENCODERS.get(encoder, encoder)).spec
+    decoder_spec = scales.get(conv_vae.DECODERS.get(decoder, decoder)).spec
+    manifest = run_manifest.new(TARGET, f"encoder={encoder},decoder={decoder}",
+                                f"encoder={encoder_spec},decoder={decoder_spec}", upstream_commit=None, seed=seed,
+                                argv=argv, loss_unit="nats/image", status="running", ended=None, lr=lr, steps=steps,
+                                batch=conv_vae.BATCH)
+    run_manifest.write(run_dir / run_manifest.FILENAME, manifest)
     with events.EventWriter(run_dir / events.FILENAME) as writer:
         def on_step(step, loss, grad_norm, failed_reason, seconds):
             nan = failed_reason is not None
             writer.write(step, loss, grad_norm, skipped=nan, reason="nan" if nan else None, time=seconds)
 
-        result = overfit.train_one(encoder, decoder, lr, seed, steps, on_step=on_step)
-    manifest.update(status=status_of(result), ended=_now())
-    _write_json(run_dir / "run.json", manifest)
+        result = conv_vae.train_one(encoder, decoder, lr, seed, steps, on_step=on_step)
+    manifest.update(status=status_of(result), ended=run_manifest.now())
+    run_manifest.write(run_dir / run_manifest.FILENAME, manifest)
     return {"encoder": encoder, "seed": seed, "status": manifest["status"], "step_failed": result.step_failed,
             "reason": result.reason, "final_loss": result.final_loss, "seconds": result.seconds}
 
@@ -132,7 +115,7 @@ def main(argv=None) -> int:
     wall = time.perf_counter() - started
     steps_run = sum(steps if r["step_failed"] is None else r["step_failed"] + 1 for r in results)
 
-    print(f"\nconv VAE overfitting 10 crops on 0..255, lr {LR}, decoder scale {overfit.DECODERS[DECODER]}, "
+    print(f"\nconv VAE overfitting 10 crops on 0..255, lr {LR}, decoder scale {conv_vae.DECODERS[DECODER]}, "
           f"{steps} steps, seeds {args.seed}..{args.seed + seeds - 1}:\n", flush=True)
     ours = {out / f"{e}-seed{s}" for _, e, _, s, *_ in todo}
     others = [p for p in report.find_runs([out]) if p not in ours]

@@ -10,11 +10,12 @@ and no separate exp(-2 l2) that overflows before the product it multiplies does.
 """
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
 from torch.distributions import Normal, constraints, register_kl
+
+from vaepatch.precision import float32_math
 
 _HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
 
@@ -35,37 +36,21 @@ def _inv_scale(log_scale: torch.Tensor) -> torch.Tensor:
     return torch.exp(-torch.clamp(log_scale, min=-limit))
 
 
-def _half(*xs):
-    """The 16-bit dtype the inputs promote to, or None.
-
-    16-bit inputs are computed in float32 and handed back in their dtype (as scales.Scale
-    does): in float16, exp(-log_scale) overflows for log_scale < -11.1 although
-    (loc1 - loc2)^2 exp(-2 log_scale) is often representable, so the KL came out inf.
-    """
-    dtypes = [x.dtype for x in xs if isinstance(x, torch.Tensor)]
-    dtype = functools.reduce(torch.promote_types, dtypes) if dtypes else None
-    return dtype if dtype in (torch.float16, torch.bfloat16) else None
-
-
-def _f32(x):
-    return x.float() if isinstance(x, torch.Tensor) else x
-
-
+@float32_math
 def kl(loc1, log_scale1, loc2, log_scale2):
-    """KL(N(loc1, exp(log_scale1)) || N(loc2, exp(log_scale2))), elementwise."""
-    half = _half(loc1, log_scale1, loc2, log_scale2)
-    if half is not None:
-        return kl(_f32(loc1), _f32(log_scale1), _f32(loc2), _f32(log_scale2)).to(half)
+    """KL(N(loc1, exp(log_scale1)) || N(loc2, exp(log_scale2))), elementwise.
+
+    16-bit inputs are computed in float32 (``vaepatch.precision``): in float16, exp(-log_scale)
+    overflows for log_scale < -11.1 although (loc1 - loc2)^2 exp(-2 log_scale) is often representable.
+    """
     delta = log_scale1 - log_scale2
     d = (loc1 - loc2) * _inv_scale(log_scale2)
     return 0.5 * torch.expm1(2.0 * delta) - delta + 0.5 * d * d
 
 
+@float32_math
 def log_prob(x, loc, log_scale):
-    """log N(x; loc, exp(log_scale)), elementwise."""
-    half = _half(x, loc, log_scale)
-    if half is not None:
-        return log_prob(_f32(x), _f32(loc), _f32(log_scale)).to(half)
+    """log N(x; loc, exp(log_scale)), elementwise (16-bit inputs computed in float32)."""
     z = (x - loc) * _inv_scale(log_scale)
     return -0.5 * z * z - log_scale - _HALF_LOG_2PI
 

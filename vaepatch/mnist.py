@@ -1,28 +1,42 @@
 """MNIST images from a local file, never downloaded: an .npz with key ``data`` or the canonical IDX files.
 
-Shared by the benches that train on MNIST (decoder-variance, ou-collapse, phase).
+Shared by the benches that train on MNIST (decoder-variance, ou-collapse, phase): the file comes from
+their ``--data`` flag or ``$VAEPATCH_MNIST`` (:func:`resolve`), never from a default path.
 """
 from __future__ import annotations
 
 import gzip
 import io
+import os
 import struct
 import zipfile
 from pathlib import Path
 
 import numpy as np
 
-__all__ = ["MNIST_SOURCE", "load_mnist"]
+__all__ = ["ENV", "MNIST_SOURCE", "resolve", "load_mnist"]
 
+ENV = "VAEPATCH_MNIST"
 MNIST_SOURCE = "http://yann.lecun.com/exdb/mnist/ (t10k-images-idx3-ubyte.gz or train-images-idx3-ubyte.gz)"
 IDX_MAGIC = 0x00000803  # unsigned byte, 3 dimensions
+
+
+def resolve(path=None) -> str:
+    """The MNIST file to read: ``path`` (a --data flag), else ``$VAEPATCH_MNIST``, else an error naming
+    both and the canonical source. Whether the file exists is :func:`load_mnist`'s to say."""
+    path = path or os.environ.get(ENV)
+    if not path:
+        raise FileNotFoundError(f"no MNIST file given: pass --data PATH or set ${ENV} "
+                                f"(an .npz with key 'data', or the IDX images from {MNIST_SOURCE}); "
+                                "nothing is downloaded")
+    return str(path)
 
 
 def load_mnist(path) -> np.ndarray:
     """The images of an MNIST file as an (N, 28, 28) uint8 array; never downloads."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"MNIST file {str(path)!r} not found (or not a file); get it from {MNIST_SOURCE}")
+        raise FileNotFoundError(f"MNIST file {str(path)!r} does not exist (or is not a file); get it from {MNIST_SOURCE}")
     try:
         raw = path.read_bytes()
         if raw[:2] == b"\x1f\x8b":

@@ -1,11 +1,11 @@
 """`vaepatch compare`: runs grouped by variant, counted from their exact per-step events.
 
 Reads only what runs left on disk: each run directory's ``run.json`` and ``events.jsonl``
-(written by ``vaepatch run`` and ``vaepatch demo``), the upstream's own eval records for the
-eval loss (VDVAE's ``log.jsonl``, NVAE's ``log.txt``), and — for VDVAE runs made without the
-launcher — VDVAE's ``log.jsonl``. A missing,
-unreadable or truncated file is listed under ``problems`` with the reason; it never crashes the
-report and is never silently dropped.
+(written by ``vaepatch run`` and ``vaepatch demo``), and through the upstream logs registered in
+``vaepatch.runs.logs`` (one per target) the upstream's own eval records for the eval loss, and runs
+made without the launcher (VDVAE's ``log.jsonl``). It knows no upstream beyond what ``run.json``
+says. A missing, unreadable or truncated file is listed under ``problems`` with the reason; it
+never crashes the report and is never silently dropped.
 """
 from __future__ import annotations
 
@@ -13,27 +13,17 @@ import csv
 import io
 import json
 import math
-import re
 import statistics
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vaepatch import events as _events
+from vaepatch.runs import events as _events
+from vaepatch.runs import logs as _logs
 
 __all__ = ["Run", "load_run", "find_runs", "summarize", "render", "plot", "main"]
 
 FINAL_FRACTION = 0.1  # "final loss": mean finite loss over the last 10% of logged steps
-VDVAE_LOG = "log.jsonl"
-NVAE_LOG = "log.txt"
-# NVAE's log lines for the validation NELBO (nats/image): after each eval epoch, and the final one
-_NVAE_EVAL = re.compile(r"\b(?:final valid nelbo|valid_nelbo) (\S+)")
-VDVAE_WINDOW_NOTE = (
-    "counted from VDVAE's own train_loss records: their skipped_updates/nan fields are sums over the "
-    "last iters_per_print steps, and the windows overlap (extra records at early steps and at each save). "
-    "Only records at multiples of iters_per_print (with an lr field) are used, which tile the steps "
-    "without overlap; steps after the last such record are not covered; NaN counts are exact for one "
-    "rank only (upstream averages the per-rank NaN flags). Use `vaepatch run vdvae` for exact counts.")
 
 
 @dataclass
@@ -88,38 +78,6 @@ def _curve(events: list[dict]) -> list:
     return curve
 
 
-def _read_jsonl_lenient(path: Path, problems: list[str]) -> list[dict]:
-    """Records of a JSON-lines file written by someone else (NaN literals allowed); bad lines reported."""
-    records = []
-    try:
-        lines = path.read_text(errors="replace").split("\n")
-    except OSError as e:
-        problems.append(f"{path}: unreadable ({e})")
-        return records
-    for number, text in enumerate(lines, 1):
-        if not text.strip():
-            continue
-        try:
-            obj = json.loads(text)
-        except ValueError as e:
-            last = number == len(lines)
-            problems.append(f"{path} line {number}: {'truncated last line' if last else 'not JSON'} ({e})")
-            continue
-        if isinstance(obj, dict):
-            records.append(obj)
-        else:
-            problems.append(f"{path} line {number}: not a JSON object")
-    return records
-
-
-def _eval_losses(log: Path, run: Run) -> None:
-    if not log.is_file():
-        return
-    records = _read_jsonl_lenient(log, run.problems)
-    _set_evals(run, [r["elbo"] for r in records if r.get("type") in ("eval_loss", "test_loss")
-                     and isinstance(r.get("elbo"), (int, float))])
-
-
 def _set_evals(run: Run, evals: list[float]) -> None:
     """Final eval loss (None if it was not finite) and the best finite one, in logged order."""
     finite = [v for v in evals if math.isfinite(v)]
@@ -128,53 +86,40 @@ def _set_evals(run: Run, evals: list[float]) -> None:
         run.eval_best = min(finite) if finite else None
 
 
-def _nvae_eval_losses(log: Path, run: Run) -> None:
-    if not log.is_file():
-        return
-    evals = []
-    for value in _NVAE_EVAL.findall(log.read_text(errors="replace")):
-        try:
-            evals.append(float(value))
-        except ValueError:
-            run.problems.append(f"{log}: unreadable validation NELBO {value!r}")
-    _set_evals(run, evals)
-
-
-def _from_vdvae_log(path: Path, run: Run) -> None:
-    """Fill counts from VDVAE's own log.jsonl (de-duplicated windows; see VDVAE_WINDOW_NOTE)."""
-    records = _read_jsonl_lenient(path / VDVAE_LOG, run.problems)
-    hparams = {r["key"]: r.get("value") for r in records if r.get("type") == "hparam" and "key" in r}
-    window = int(hparams.get("iters_per_print") or 1)
-    run.variant = run.spec = f"vdvae log ({hparams.get('desc', path.name)})"
-    run.seed, run.source, run.loss_unit = hparams.get("seed"), "vdvae-log", "nats/dim"
-    run.status = "VDVAE log (no launcher)"
-    windows = {}
-    for r in records:  # the later record of a step wins (a resumed run appends to the same log)
-        if r.get("type") == "train_loss" and "lr" in r and isinstance(r.get("step"), int) and r["step"] % window == 0:
-            windows[r["step"]] = r
-    if not windows:
-        run.problems.append(f"{path / VDVAE_LOG}: no train_loss records at multiples of iters_per_print={window}")
-        return
-    run.problems.append(VDVAE_WINDOW_NOTE)
-    steps = sorted(windows)
-    # per window: sum over its steps of (ranks with a NaN) / ranks — a step count for one rank
-    nan = sum(round(max(float(windows[s].get("distortion_nans", 0)), float(windows[s].get("rate_nans", 0))))
-              for s in steps)
-    skipped = sum(int(windows[s].get("skipped_updates", 0)) for s in steps)
-    run.counts = _events.Counts(steps=steps[-1] + 1, ranks=int(hparams.get("mpi_size") or 1), nan_steps=nan,
-                                grad_skips=max(skipped - nan, 0), skipped=skipped)
-    run.curve = [(s, float(windows[s]["elbo"]) if math.isfinite(float(windows[s].get("elbo", math.nan))) else None,
-                  bool(windows[s].get("skipped_updates"))) for s in steps]
+def _from_upstream_log(path: Path, run: Run, log: _logs.UpstreamLog) -> None:
+    """A run folder holding only the upstream's own log (no launcher): what its reader makes of it."""
+    fields = log.read_run(path, run.problems)
+    _set_evals(run, fields.pop("evals", []))
+    for key, value in fields.items():
+        setattr(run, key, value)
     run.final_loss = _final_loss(run.curve)
-    _eval_losses(path / VDVAE_LOG, run)
+
+
+def _upstream_evals(target, logdir: Path, problems: list) -> list:
+    """Eval losses from the upstream's own log in ``logdir``: the target's reader, or for a run.json
+    that names no known target, the first registered reader that finds any."""
+    known = _logs.for_target(target)
+    for log in [known] if known is not None else _logs.registered():
+        evals = log.eval_losses(logdir, problems)
+        if evals:
+            return evals
+    return []
+
+
+def _log_only(path: Path):
+    """The registered upstream log whose marker file alone makes ``path`` a run, or None."""
+    if (path / "run.json").exists() or (path / _events.FILENAME).exists():
+        return None
+    return next((log for log in _logs.registered() if log.marker and (path / log.marker).exists()), None)
 
 
 def load_run(path) -> Run:
     """Read one run directory; problems are collected in ``Run.problems``, never raised."""
     path = Path(path)
     run = Run(path, variant=f"? ({path.name})")
-    if not (path / "run.json").exists() and not (path / _events.FILENAME).exists() and (path / VDVAE_LOG).exists():
-        _from_vdvae_log(path, run)
+    log_only = _log_only(path)
+    if log_only is not None:
+        _from_upstream_log(path, run, log_only)
         return run
     manifest = {}
     try:
@@ -194,11 +139,7 @@ def load_run(path) -> Run:
         run.status = "running, or killed (no end recorded)"
     run.dims_per_image = manifest.get("dims_per_image")
     if manifest.get("upstream_logdir"):
-        logdir = Path(manifest["upstream_logdir"])
-        if manifest.get("target") == "nvae":
-            _nvae_eval_losses(logdir / NVAE_LOG, run)
-        else:
-            _eval_losses(logdir / VDVAE_LOG, run)
+        _set_evals(run, _upstream_evals(manifest.get("target"), Path(manifest["upstream_logdir"]), run.problems))
     try:
         log = _events.read(path)
     except FileNotFoundError as e:
@@ -216,7 +157,7 @@ def load_run(path) -> Run:
 
 
 def _is_run_dir(p: Path) -> bool:
-    return (p / "run.json").exists() or (p / _events.FILENAME).exists() or (p / VDVAE_LOG).exists()
+    return (p / "run.json").exists() or (p / _events.FILENAME).exists() or _log_only(p) is not None
 
 
 def find_runs(paths, problems: list[str] | None = None) -> list[Path]:
@@ -241,7 +182,7 @@ def find_runs(paths, problems: list[str] | None = None) -> list[Path]:
         else:
             walk(p)
             if len(found) == before:
-                problems.append(f"{p}: no runs found (no run.json, events.jsonl or VDVAE log.jsonl under it)")
+                problems.append(f"{p}: no runs found (no run.json, events.jsonl or upstream log such as VDVAE's log.jsonl under it)")
     return found
 
 

@@ -20,12 +20,48 @@ import math
 import operator
 import re
 from dataclasses import dataclass, field
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
 
+from vaepatch.precision import float32_math
+
 # The paper's pixel bounds on the 0..1 scale: quantization noise std of 8-bit data.
 PIXEL_ALPHA = 1.0 / (256.0 * math.sqrt(12.0))
+
+
+@dataclass(frozen=True)
+class _Entry:
+    """One registered parameterization: the function, its parameters and how to describe it."""
+
+    function: Callable  # (p, *params) -> (scale, log_scale), 16-bit rule applied
+    params: tuple = ()
+    defaults: tuple = ()
+    description: str = ""
+    accepted: str = ""  # how error messages spell it, e.g. "upbounded(omega>0)"
+    check: Optional[Callable] = None  # extra rule on the parameters: returns a problem or None
+
+
+_REGISTRY: dict = {}
+
+
+def register(name: str, *, params: dict | None = None, description: str, rule: str = "", check=None,
+             float32: bool = True):
+    """Register ``fn(p, *params) -> (scale, log_scale)`` under ``name``: the one place a parameterization
+    is declared. ``params`` maps parameter names to defaults (each must be a finite number > 0);
+    ``rule`` spells an extra constraint checked by ``check(values) -> problem or None``."""
+    params = dict(params or {})
+
+    def decorate(fn):
+        accepted = name if not params else f"{name}({', '.join(params)})" if rule else \
+            f"{name}({', '.join(f'{p}>0' for p in params)})"
+        function = float32_math(fn) if float32 else fn
+        _REGISTRY[name] = _Entry(function, tuple(params), tuple(params.values()), description,
+                                 accepted + (f" with {rule}" if rule else ""), check)
+        return fn
+
+    return decorate
 
 
 def _split(p):
@@ -38,20 +74,26 @@ def _split(p):
     return neg, p - neg
 
 
+@register("naive_exp", description="exp(p), log taken numerically: the upstream failure mode, for comparison only",
+          float32=False)  # stays in p's dtype: it exists to reproduce the 16-bit failure
 def _naive_exp(p):
     scale = torch.exp(p)
     return scale, torch.log(scale)  # the upstream failure mode, on purpose
 
 
+@register("exp", description="exp(p), log sigma = p exactly")
 def _exp(p):
     return torch.exp(p), p
 
 
+@register("explin", description="exp(p) for p <= 0, p + 1 above: no overflow, linear growth")
 def _explin(p):
     n, q = _split(p)
     return torch.exp(n) + q, n + torch.log1p(q)
 
 
+@register("upbounded", params={"omega": 1.0},
+          description="omega/2 exp(p) for p <= 0, omega/2 (2 - exp(-p)) above: sigma < omega")
 def _upbounded(p, omega):
     n, q = _split(p)
     m = -torch.expm1(-q)  # 1 - exp(-p+) in [0, 1), accurate near 0
@@ -59,12 +101,21 @@ def _upbounded(p, omega):
     return half * (torch.exp(n) + m), (n + torch.log1p(m)) + math.log(half)
 
 
+@register("downbounded", params={"alpha": PIXEL_ALPHA}, description="alpha + exp(p): sigma > alpha")
 def _downbounded(p, alpha):
     log_alpha = math.log(alpha)
     log_scale = log_alpha + F.softplus(p - log_alpha)  # logaddexp(log alpha, p)
     return alpha + torch.exp(p), log_scale
 
 
+def _alpha_below_omega(values):
+    if values["alpha"] >= values["omega"]:
+        return f"bounded needs alpha < omega, got alpha={values['alpha']} >= omega={values['omega']}"
+    return None
+
+
+@register("bounded", params={"alpha": PIXEL_ALPHA, "omega": 1.0}, rule="0<alpha<omega", check=_alpha_below_omega,
+          description="alpha + (omega - alpha) sigmoid(p): alpha < sigma < omega")
 def _bounded(p, alpha, omega):
     log_alpha, log_width = math.log(alpha), math.log(omega - alpha)
     # log(alpha + (omega - alpha) * sigmoid(p)) = logaddexp(log alpha, log(omega-alpha) + logsigmoid(p))
@@ -73,6 +124,7 @@ def _bounded(p, alpha, omega):
     return alpha + (omega - alpha) * torch.sigmoid(p), log_scale
 
 
+@register("constant", params={"c": 1.0}, description="sigma = c, p ignored (the paper's Cst priors)")
 def _constant(p, c):
     return torch.full_like(p, c), torch.full_like(p, math.log(c))
 
@@ -86,10 +138,13 @@ def _log_softplus(x):
     return torch.where(far, x_far - 0.5 * torch.exp(x_far), torch.log(F.softplus(x_near)))
 
 
+@register("softplus", params={"beta": 1.0},
+          description="softplus(beta p) / beta (Efficient-VDVAE's gradient smoothing)")
 def _softplus(p, beta):
     return F.softplus(beta * p) / beta, _log_softplus(beta * p) - math.log(beta)
 
 
+@register("softclamp", description="exp(5 tanh(p / 5)) + 0.01 (NVAE's own)")
 def _softclamp(p):
     # NVAE's own: sigma = exp(5 tanh(p / 5)) + 0.01
     c = 5.0 * torch.tanh(p / 5.0)
@@ -113,14 +168,7 @@ class Scale:
         return f"{self.name}({', '.join(_fmt(a) for a in self.args)})"
 
     def __call__(self, p: torch.Tensor):
-        if p.dtype in _HALF and self.name != "naive_exp":
-            # In 16-bit, the chain rule through these compositions overflows in intermediates
-            # (e.g. g / softplus(x) before * sigmoid(x)) even when the true gradient is small.
-            # The elementwise math is cheap, so do it in float32 and hand back p's dtype.
-            # naive_exp stays in p's dtype: it exists to reproduce the 16-bit failure.
-            scale, log_scale = _FUNCTIONS[self.name](p.float(), *self.args)
-            return scale.to(p.dtype), log_scale.to(p.dtype)
-        return _FUNCTIONS[self.name](p, *self.args)
+        return _REGISTRY[self.name].function(p, *self.args)
 
     def __str__(self):
         return self.spec
@@ -130,47 +178,22 @@ def _fmt(x: float) -> str:
     return repr(float(x)) if not float(x).is_integer() else str(int(x))
 
 
-_HALF = (torch.float16, torch.bfloat16)
-
-_FUNCTIONS = {
-    "naive_exp": _naive_exp,
-    "exp": _exp,
-    "explin": _explin,
-    "upbounded": _upbounded,
-    "downbounded": _downbounded,
-    "bounded": _bounded,
-    "constant": _constant,
-    "softplus": _softplus,
-    "softclamp": _softclamp,
-}
-
-# name -> (parameter names, defaults, one-line description)
-_SIGNATURES = {
-    "naive_exp": ((), (), "exp(p), log taken numerically: the upstream failure mode, for comparison only"),
-    "exp": ((), (), "exp(p), log sigma = p exactly"),
-    "explin": ((), (), "exp(p) for p <= 0, p + 1 above: no overflow, linear growth"),
-    "upbounded": (("omega",), (1.0,), "omega/2 exp(p) for p <= 0, omega/2 (2 - exp(-p)) above: sigma < omega"),
-    "downbounded": (("alpha",), (PIXEL_ALPHA,), "alpha + exp(p): sigma > alpha"),
-    "bounded": (("alpha", "omega"), (PIXEL_ALPHA, 1.0), "alpha + (omega - alpha) sigmoid(p): alpha < sigma < omega"),
-    "constant": (("c",), (1.0,), "sigma = c, p ignored (the paper's Cst priors)"),
-    "softplus": (("beta",), (1.0,), "softplus(beta p) / beta (Efficient-VDVAE's gradient smoothing)"),
-    "softclamp": ((), (), "exp(5 tanh(p / 5)) + 0.01 (NVAE's own)"),
-}
-
 _ALIASES = {"cst": "constant", "const": "constant", "naiveexp": "naive_exp", "exp_lin": "explin"}
+_SHORT_FORMS = ("short forms: upbounded1 = upbounded(1), cst1 = constant(1), downbounded0.01, softplus2, ...; "
+                "numbers may be expressions like 1/(256*sqrt(12))")
 
-ACCEPTED = (
-    "naive_exp, exp, explin, upbounded(omega>0), downbounded(alpha>0), bounded(alpha, omega) "
-    "with 0<alpha<omega, constant(c>0), softplus(beta>0), softclamp; short forms: upbounded1 = "
-    "upbounded(1), cst1 = constant(1), downbounded0.01, softplus2, ...; numbers may be expressions "
-    "like 1/(256*sqrt(12))"
-)
+
+def accepted() -> str:
+    """Every registered form and the short forms, for error messages."""
+    return ", ".join(entry.accepted for entry in _REGISTRY.values()) + "; " + _SHORT_FORMS
 
 
 def names():
     """Parameterization names with one-line descriptions."""
-    return {n: sig[2] for n, sig in _SIGNATURES.items()}
+    return {name: entry.description for name, entry in _REGISTRY.items()}
 
+
+ACCEPTED = accepted()  # the built-ins, for messages; accepted() also lists later registrations
 
 _SPEC = re.compile(r"^\s*([A-Za-z_]+?)\s*(?:\((.*)\)|([0-9][0-9.eE+-]*))?\s*$")
 
@@ -180,16 +203,17 @@ def get(spec) -> Scale:
     if isinstance(spec, Scale):
         return spec
     if not isinstance(spec, str):
-        raise ValueError(f"scale spec must be a string, got {type(spec).__name__} {spec!r}; accepted: {ACCEPTED}")
+        raise ValueError(f"scale spec must be a string, got {type(spec).__name__} {spec!r}; accepted: {accepted()}")
     m = _SPEC.match(spec)
     if not m:
-        raise ValueError(f"malformed scale spec {spec!r}; accepted: {ACCEPTED}")
+        raise ValueError(f"malformed scale spec {spec!r}; accepted: {accepted()}")
     raw_name, inner, short = m.groups()
     name = raw_name.lower()
     name = _ALIASES.get(name, name)
-    if name not in _SIGNATURES:
-        raise ValueError(f"unknown scale parameterization {raw_name!r} in {spec!r}; accepted: {ACCEPTED}")
-    params, defaults, description = _SIGNATURES[name]
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown scale parameterization {raw_name!r} in {spec!r}; accepted: {accepted()}")
+    entry = _REGISTRY[name]
+    params, defaults, description = entry.params, entry.defaults, entry.description
     if inner is not None and inner.strip():
         values = [_number(v, spec) for v in inner.split(",")]
     elif short is not None:
@@ -197,21 +221,22 @@ def get(spec) -> Scale:
     else:
         values = []
     if len(values) > len(params):
-        raise ValueError(f"{name} takes {len(params)} parameter(s) ({', '.join(params) or 'none'}), got {len(values)} in {spec!r}; accepted: {ACCEPTED}")
+        raise ValueError(f"{name} takes {len(params)} parameter(s) ({', '.join(params) or 'none'}), got {len(values)} in {spec!r}; accepted: {accepted()}")
     values = tuple(values) + tuple(defaults[len(values):])
-    _check_range(name, dict(zip(params, values)), spec)
+    _check_range(entry, dict(zip(params, values)), spec)
     return Scale(name, tuple(float(v) for v in values), description)
 
 
-def _check_range(name, values, spec):
+def _check_range(entry, values, spec):
     def bad(what):
-        raise ValueError(f"{spec!r}: {what}; accepted: {ACCEPTED}")
+        raise ValueError(f"{spec!r}: {what}; accepted: {accepted()}")
 
     for key, v in values.items():
         if not math.isfinite(v) or v <= 0:
             bad(f"{key} must be a finite number > 0, got {v}")
-    if name == "bounded" and values["alpha"] >= values["omega"]:
-        bad(f"bounded needs alpha < omega, got alpha={values['alpha']} >= omega={values['omega']}")
+    problem = entry.check(values) if entry.check is not None else None
+    if problem:
+        bad(problem)
 
 
 _OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv, ast.Pow: operator.pow}
@@ -235,4 +260,4 @@ def _number(text, spec):
     try:
         return ev(ast.parse(text.strip(), mode="eval").body)
     except (ValueError, SyntaxError, ZeroDivisionError, OverflowError, TypeError):
-        raise ValueError(f"cannot read number {text.strip()!r} in scale spec {spec!r}; accepted: {ACCEPTED}") from None
+        raise ValueError(f"cannot read number {text.strip()!r} in scale spec {spec!r}; accepted: {accepted()}") from None

@@ -11,7 +11,6 @@ light.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import shlex
 import shutil
@@ -21,6 +20,8 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+from vaepatch import git_clone
+
 try:
     import tomllib
 except ModuleNotFoundError:  # Python < 3.11
@@ -28,7 +29,7 @@ except ModuleNotFoundError:  # Python < 3.11
 
 __all__ = [
     "Pin", "PINS", "pin", "UpstreamError", "Status", "repo_root", "default_dest", "fetch",
-    "status", "check", "locate", "verify", "add_to_path", "cli_fetch",
+    "status", "check", "locate", "verify", "add_to_path",
 ]
 
 PINS_FILE = Path(__file__).with_name("upstream_pins.toml")
@@ -174,70 +175,8 @@ def _git():
 
 
 def _open_repo(path: Path):
-    """The git repo whose top level is ``path`` exactly, or None.
-
-    A plain directory inside some other checkout (e.g. third_party/vdvae inside the vaepatch
-    repo) must not count as a clone, so parent directories are not searched.
-    """
-    git = _git()
-    try:
-        repo = git.Repo(path, search_parent_directories=False)
-    except (git.InvalidGitRepositoryError, git.NoSuchPathError):
-        return None
-    if repo.bare or repo.working_tree_dir is None:
-        return None
-    if Path(repo.working_tree_dir).resolve() != path.resolve():
-        return None
-    return repo
-
-
-def _head(repo) -> str | None:
-    try:
-        return repo.head.commit.hexsha
-    except ValueError:  # no commits yet
-        return None
-
-
-def _modified_files(repo) -> list[str]:
-    """Tracked files that differ from HEAD (staged or not). Untracked files (``__pycache__``,
-    outputs) do not count: they do not change the upstream code we patch."""
-    out = repo.git.diff("--name-only", "HEAD", "--")
-    return [line for line in out.splitlines() if line]
-
-
-def _has_commit(repo, commit: str) -> bool:
-    git = _git()
-    try:
-        repo.git.cat_file("-e", f"{commit}^{{commit}}")
-        return True
-    except git.GitCommandError:
-        return False
-
-
-def _bring_commit(repo, source: str, commit: str) -> bool:
-    """Make ``commit`` present in ``repo`` from ``source``; True if it is there afterwards.
-
-    Fetching a sha directly works with GitHub and local repos (protocol v2); the branch and
-    tag fetch is the fallback for servers that refuse it.
-    """
-    git = _git()
-    if _has_commit(repo, commit):
-        return True
-    attempts = [(source, commit),
-                ("--tags", source, "+refs/heads/*:refs/remotes/vaepatch-source/*")]
-    for args in attempts:
-        try:
-            repo.git.fetch(*args, env={"GIT_TERMINAL_PROMPT": "0"})
-        except git.GitCommandError:
-            continue
-        if _has_commit(repo, commit):
-            return True
-    return False
-
-
-def _checkout(repo, commit: str) -> None:
-    """Detached, forced checkout: also fills the work tree of a ``--no-checkout`` clone."""
-    repo.git.checkout("--force", "--detach", commit)
+    _git()  # GitPython present, or an UpstreamError that says how to get it
+    return git_clone.open_repo(path)
 
 
 def _source_arg(source: str) -> str:
@@ -277,13 +216,13 @@ def verify(path: str | os.PathLike, name: str, allow_dirty: bool = False) -> Pat
         raise UpstreamError(
             f"{name}: {path} is not a git checkout, so its commit cannot be checked.\n"
             f"Move it aside, then run: vaepatch fetch {name} --dest {q}")
-    head = _head(repo)
+    head = git_clone.head(repo)
     if head != p.commit:
         raise UpstreamError(
             f"{name}: {path} is at commit {head}, but vaepatch is pinned to {p.commit}.\n"
             f"run: {_fetch_cmd(name, path, force=True)}\n"
             f"  or: git -C {q} checkout {p.commit}")
-    modified = _modified_files(repo)
+    modified = git_clone.modified_files(repo)
     if modified:
         msg = (f"{name}: {path} has modified tracked files: {', '.join(modified)}.\n"
                f"vaepatch never edits the clone (it patches at runtime), so these are someone "
@@ -319,8 +258,8 @@ def status(name: str, path: str | os.PathLike | None = None) -> Status:
     commit = dirty = None
     repo = _open_repo(path) if path.is_dir() else None
     if repo is not None:
-        commit = _head(repo)
-        dirty = bool(_modified_files(repo))
+        commit = git_clone.head(repo)
+        dirty = bool(git_clone.modified_files(repo))
     try:
         verify(path, name)
         message, state = "ok", "ok"
@@ -385,9 +324,9 @@ def fetch(name: str, source: str | os.PathLike | None = None,
                 f"{name}: could not clone {source}: {(e.stderr or str(e)).strip()}\n"
                 f"Offline? Fetch from a local clone or bare mirror instead:\n"
                 f"run: {_fetch_cmd(name, dest, source='/path/to/clone-or-mirror')}") from None
-        if not _bring_commit(repo, source, p.commit):
+        if not git_clone.bring_commit(repo, source, p.commit):
             raise _missing_commit_error(p, source, dest, False)
-        _checkout(repo, p.commit)
+        git_clone.checkout(repo, p.commit)
         repo.close()
         os.replace(tmp, dest)
     finally:
@@ -404,7 +343,7 @@ def _update_existing(p: Pin, source: str, dest: Path, force: bool) -> Path:
     if repo is None:
         # Never delete a directory we did not create, even with --force.
         verify(dest, p.name)  # raises "not a git checkout" with the fix
-    head, modified = _head(repo), _modified_files(repo)
+    head, modified = git_clone.head(repo), git_clone.modified_files(repo)
     if head == p.commit and not modified:
         print(f"{p.name}: already at pinned commit {p.commit[:12]} ({dest})")
         return dest.resolve()
@@ -415,80 +354,10 @@ def _update_existing(p: Pin, source: str, dest: Path, force: bool) -> Path:
               f"{', '.join(modified)}")
     if head != p.commit:
         print(f"{p.name}: --force: moving {dest} from {head} to {p.commit} (from {source})")
-        if not _bring_commit(repo, source, p.commit):
+        if not git_clone.bring_commit(repo, source, p.commit):
             raise _missing_commit_error(p, source, dest, True)
-    _checkout(repo, p.commit)
+    git_clone.checkout(repo, p.commit)
     repo.close()
     verify(dest, p.name)
     print(f"{p.name}: checked out pinned commit {p.commit[:12]} at {dest}")
     return dest.resolve()
-
-
-# --------------------------------------------------------------------------- CLI
-
-def _table(rows: list[list[str]]) -> str:
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
-
-
-def cli_fetch(argv: list[str] | None = None) -> int:
-    """``vaepatch fetch [TARGET] [--source S] [--dest D] [--force]`` / ``vaepatch fetch --check``.
-
-    Returns the exit code: 0 fine, 1 a --check found a problem, 2 an error (message on stderr,
-    no traceback) or bad arguments.
-    """
-    targets = list(PINS)
-    parser = argparse.ArgumentParser(
-        prog="vaepatch fetch",
-        description="Clone the pinned upstream codebases, or check the clones on disk.",
-        epilog="Without --dest, clones go to $VAEPATCH_<NAME> if set, else third_party/<name> "
-               "in a source checkout, else $VAEPATCH_HOME/<name> or ~/.cache/vaepatch/<name>.")
-    parser.add_argument("target", nargs="?", default="all", choices=[*targets, "all"],
-                        help="which upstream (default: all)")
-    parser.add_argument("--source", metavar="URL_OR_PATH",
-                        help="clone from here instead of the pinned URL (a local clone or bare "
-                             "mirror works offline); only with a single target")
-    parser.add_argument("--dest", metavar="DIR",
-                        help="the clone directory; with 'all', a directory that gets one "
-                             "<name> subdirectory per target")
-    parser.add_argument("--force", action="store_true",
-                        help="move an existing clone to the pinned commit, discarding "
-                             "modifications to its tracked files")
-    parser.add_argument("--check", action="store_true",
-                        help="report each clone's path, commit and status; fetch nothing")
-    try:
-        args = parser.parse_args(argv)
-        if args.check and (args.source or args.force):
-            parser.error("--check fetches nothing; it takes no --source or --force")
-        if args.source and args.target == "all":
-            parser.error("--source is one repository; name the target it is for "
-                         f"({' or '.join(targets)})")
-    except SystemExit as e:  # argparse exits on errors and --help; return the code instead
-        return e.code if isinstance(e.code, int) else 2
-
-    names = targets if args.target == "all" else [args.target]
-
-    def dest_for(n: str) -> Path | None:
-        if args.dest is None:
-            return None
-        return Path(args.dest) / n if args.target == "all" else Path(args.dest)
-
-    if args.check:
-        statuses = [status(n, dest_for(n)) for n in names]
-        rows = [["target", "path", "commit", "status"]]
-        rows += [[s.name, str(s.path), s.commit[:12] if s.commit else "-", s.state]
-                 for s in statuses]
-        print(_table(rows))
-        for s in statuses:
-            if not s.ok:
-                print(f"\n{s.message}")
-        return 0 if all(s.ok for s in statuses) else 1
-
-    code = 0
-    for n in names:
-        try:
-            fetch(n, source=args.source, dest=dest_for(n), force=args.force)
-        except UpstreamError as e:
-            print(f"error: {e}", file=sys.stderr)
-            code = 2
-    return code

@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import statistics
 import sys
 import time
@@ -42,7 +41,8 @@ from torch import nn
 
 from vaepatch import gaussian, scales
 from vaepatch.bench import fill_defaults
-from vaepatch.mnist import MNIST_SOURCE, load_mnist  # noqa: F401  (load_mnist: part of this bench's API)
+from vaepatch.mnist import ENV, load_mnist
+from vaepatch.mnist import resolve as resolve_data
 
 ALPHA = "1/(256*sqrt(12))"  # the 8-bit quantization noise std on the 0..1 scale
 SCALES = ["naive_exp", "exp", "upbounded1", f"downbounded({ALPHA})", f"bounded({ALPHA}, 1)"]
@@ -50,21 +50,10 @@ MUS = ["sigmoid", "identity"]
 LRS = [1e-4, 1e-3]
 PIXELS = 28 * 28
 LATENT = 128
-ENV = "VAEPATCH_MNIST"
 PAPER_NOTE = "paper's Table 3: see arXiv 2106.13739 (its numbers could not be retrieved here, so none are printed)"
 
 
 # ---------------------------------------------------------------- data
-
-def resolve_data(path=None) -> str:
-    """--data, else $VAEPATCH_MNIST, else an error naming both and the canonical source."""
-    path = path or os.environ.get(ENV)
-    if not path:
-        raise FileNotFoundError(f"no MNIST file given: pass --data PATH or set ${ENV} "
-                                f"(an .npz with key 'data', or the IDX images from {MNIST_SOURCE}); "
-                                "nothing is downloaded")
-    return path
-
 
 def split(images: np.ndarray, test_fraction: float = 0.1):
     """(train, test): a seed-0 permutation, last 10% held out, the same for every run."""

@@ -29,14 +29,14 @@ import argparse
 import contextlib
 import json
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-from vaepatch.bench import fill_defaults
+from vaepatch.bench import fill_defaults, timing
+from vaepatch.bench.measure import counted_flops, rss_now_and_peak, saved_bytes
 from vaepatch.models.mlp_hierarchy import MLPHierarchy
 
 __all__ = ["mlp_flops", "saved_bytes", "measure_mlp", "measure_upstream", "main"]
@@ -71,56 +71,6 @@ def mlp_flops(x_dim=784, latents=(40, 40, 40, 40), hidden=200, batch=100, sample
                 smoothed_share_of_plain=2 * 3 * batch * smoothed / plain)
 
 
-def _conv_backward_flops(grad_out_shape, x_shape, w_shape, _bias, _stride, _padding, _dilation, transposed,
-                         _output_padding, _groups, output_mask, **_):
-    """A convolution's backward: grad input and grad weight each cost what its forward does.
-
-    torch's own formula ignores ``groups`` in the grad-weight term, so a depthwise convolution's
-    backward counts ~groups times over (NVAE's decoder cells are full of them).
-    """
-    from torch.utils.flop_counter import conv_flop_count
-
-    forward = conv_flop_count(x_shape, w_shape, grad_out_shape, transposed=transposed)
-    return forward * (int(output_mask[0]) + int(output_mask[1]))
-
-
-def counted_flops(step_fn) -> int:
-    """Matmul/conv FLOPs of ``step_fn()`` (forward + backward) by torch's FlopCounterMode, with
-    grouped convolutions' backward counted right (:func:`_conv_backward_flops`)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    counter = FlopCounterMode(display=False, custom_mapping={torch.ops.aten.convolution_backward: _conv_backward_flops})
-    with counter:
-        step_fn()
-    return int(counter.get_total_flops())
-
-
-# -- memory ------------------------------------------------------------------------------------
-def saved_bytes(loss_fn, parameters) -> int:
-    """Bytes of the tensors autograd saves for backward while ``loss_fn()`` runs (each storage once,
-    parameters excluded); the graph is freed afterwards without a backward."""
-    skip = {p.untyped_storage().data_ptr() for p in parameters}
-    seen = {}
-
-    def pack(t):
-        if t.device.type == "cpu" and t.layout == torch.strided:
-            s = t.untyped_storage()
-            if s.data_ptr() not in skip:
-                seen[s.data_ptr()] = s.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = loss_fn()
-    del loss
-    return sum(seen.values())
-
-
-def _rss_now_and_peak():
-    """(current, peak) resident set in bytes from /proc/self/status; the peak resets with clear_refs."""
-    fields = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
-    return 1024 * int(fields["VmRSS"].split()[0]), 1024 * int(fields["VmHWM"].split()[0])
-
-
 def _rss_worker(kind: str, config, steps: int, threads: int) -> int:
     """In a fresh process: after one warm-up step (optimizer state allocated), reset the peak RSS
     (``echo 5 > /proc/self/clear_refs``) and return how far it rises above the current RSS over ``steps``
@@ -134,10 +84,10 @@ def _rss_growth_here(kind, config, steps):
     step, _ = _build(kind, config)
     step()
     Path("/proc/self/clear_refs").write_text("5")
-    before, _ = _rss_now_and_peak()
+    before, _ = rss_now_and_peak()
     for _ in range(steps):
         step()
-    return _rss_now_and_peak()[1] - before
+    return rss_now_and_peak()[1] - before
 
 
 def rss_growth(kind: str, config, steps: int, threads: int):
@@ -171,13 +121,13 @@ def _build(kind: str, config, seed: int = 0):
 
         return step, dict(model=model, loss=lambda: model(x)["loss"])
     if kind == "vdvae":
-        import vaepatch
-        from vaepatch.bench.vdvae_steptime import cifar_like_batch, tiny_vae
+        from vaepatch.api import apply
+        from vaepatch.targets.vdvae.tiny import batch, tiny_vae
 
         variant = "upbounded1" if config is None else f"upbounded1,ou={RHO}x{config}"
-        handle = vaepatch.apply(variant, target="vdvae")
+        handle = apply(variant, target="vdvae")
         H, model = tiny_vae(seed, dec_blocks=VDVAE_DEC)
-        x, _ = cifar_like_batch(H.n_batch, seed)
+        x, _ = batch(H.n_batch, seed)
         opt = torch.optim.SGD(model.parameters(), lr=1e-6)
 
         def step():
@@ -187,15 +137,16 @@ def _build(kind: str, config, seed: int = 0):
 
         return step, dict(model=model, loss=lambda: model(x, x)["elbo"], patchset=handle.patchset)
     if kind in NVAE_SIZES:
-        import vaepatch
         import utils
-        from vaepatch.bench import nvae_steptime as nv
+
+        from vaepatch.api import apply
+        from vaepatch.targets.nvae import tiny as nv
 
         variant = "upbounded1" if config is None else f"upbounded1,ou={RHO}x{config}"
-        handle = vaepatch.apply(variant, target="nvae")
+        handle = apply(variant, target="nvae")
         _, overrides, batch = NVAE_SIZES[kind]
         model = nv.tiny_nvae(seed, **overrides)
-        x = nv.cifar_like_batch(batch, seed)
+        x = nv.batch(batch, seed)
         opt = torch.optim.Adamax(model.parameters(), **nv.ADAMAX)
         alpha_i = utils.kl_balancer_coeff(num_scales=model.num_latent_scales, groups_per_scale=model.groups_per_scale,
                                           fun="square")
@@ -218,28 +169,15 @@ def _upstream_on_cpu(kind):
     """NVAE's clone on the path with its CPU shims (its module names need their own interpreter)."""
     if kind not in NVAE_SIZES:
         return contextlib.nullcontext()
-    from vaepatch.bench.nvae_steptime import nvae_on_cpu
+    from vaepatch.targets.nvae.tiny import nvae_on_cpu
 
     return nvae_on_cpu()
 
 
 def _interleave(steps_by_name: dict, steps: int, warmup: int, desc: str, before=None) -> dict:
-    """Median seconds per step of each config, one step of each per round, order rotated each round."""
-    from tqdm import tqdm
-
-    names = list(steps_by_name)
-    times = {n: [] for n in names}
-    for i in tqdm(range(warmup + steps), desc=desc, unit="round", file=sys.stderr):
-        order = names[i % len(names):] + names[:i % len(names)]
-        for name in order:
-            if before is not None:
-                before(name)
-            t0 = time.perf_counter()
-            steps_by_name[name]()
-            dt = time.perf_counter() - t0
-            if i >= warmup:
-                times[name].append(dt)
-    return {n: statistics.median(ts) for n, ts in times.items()}
+    """Median seconds per step of each config (``fn()`` each), interleaved (``vaepatch.bench.timing``)."""
+    return timing.interleaved({name: (lambda i, fn=fn: (fn(), None)[1]) for name, fn in steps_by_name.items()},
+                              steps, warmup, desc, before=before)
 
 
 def _label(samples):
@@ -296,14 +234,14 @@ def measure_upstream(kind, samples_list, steps, warmup, rss_steps, threads) -> l
 
 
 def _measure_here(kind, samples_list, steps, warmup, threads) -> list:
-    import vaepatch
+    from vaepatch.api import revert
 
     torch.set_num_threads(threads)
     configs = [None] + list(samples_list)
     built = {}
     target = "nvae" if kind in NVAE_SIZES else kind
     with _upstream_on_cpu(kind):
-        vaepatch.revert(target)
+        revert(target)
         try:
             for c in configs:
                 built[c] = _build(kind, c)
@@ -328,7 +266,7 @@ def _measure_here(kind, samples_list, steps, warmup, threads) -> list:
         finally:
             for c in built:
                 built[c][1]["patchset"].revert()
-            vaepatch.revert(target)
+            revert(target)
     return rows
 
 

@@ -21,14 +21,13 @@ from pathlib import Path
 import numpy as np
 
 from vaepatch.bench import fill_defaults
-from vaepatch.bench.ou_collapse import ENV, DEFAULT_DATA, add_training_args, load_data, run_jobs
+from vaepatch.bench.mlp_jobs import ENV, add_training_args, load_data, run_jobs
 from vaepatch.variant import Variant
 
 __all__ = ["critical_rho", "main"]
 
 DEFAULTS = dict(rhos="0.8,0.85,0.88,0.9,0.92,0.95,1.0", seeds=2, steps=2000, samples=5, n_train=9000, n_val=1000, k=10)
 QUICK = dict(rhos="0.8,0.9,1.0", seeds=2, steps=200, n_val=200, k=5)
-SCOPING_NOTE = "scoping, for orientation: the top-layer KL fell ~16x between rho = 0.85 and 0.93 at 2k steps"
 
 
 def critical_rho(rhos, top_kl, floor: float = 0.5):
@@ -77,7 +76,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="vaepatch bench phase", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog=__doc__.split("\n\n", 1)[1] + f"\ndefaults: {DEFAULTS}; --quick: {QUICK}")
-    parser.add_argument("--data", help=f"MNIST .npz with key 'data' (default ${ENV}, else {DEFAULT_DATA})")
+    parser.add_argument("--data", help=f"MNIST .npz with key 'data', or IDX images (default ${ENV})")
     parser.add_argument("--out", default="vaepatch-ou-phase", help="output folder (json, png)")
     parser.add_argument("--quick", action="store_true", help="smoke size; explicit flags still win")
     parser.add_argument("--rhos", help="comma-separated grid of rho (1 = plain model)")
@@ -136,7 +135,7 @@ def main(argv=None) -> int:
                  ("none: the low-rho plateau is below the floor" if plateau < args.floor else "none within the grid"))
     lines += ["", f"low-rho plateau (mean top KL at rho = {rhos[0]:g}): {plateau:.3g} nats; "
                   f"critical rho (mean first below half of it, linear interpolation): {crit_text}",
-              SCOPING_NOTE, f"total wall {wall:.0f} s"]
+              f"total wall {wall:.0f} s"]
     print("\n" + "\n".join(lines))
 
     out = Path(args.out)

@@ -1,173 +1,53 @@
-"""apply / revert / patched: one call patches each supported upstream that is present.
+"""The registry of upstreams: one package per upstream under ``vaepatch/targets/``, one pin each.
 
-Each target module (``vdvae``, ``nvae``) says which upstream modules it needs
-(``MODULES``) and builds its patch list (``build(variant, modules)``); this module finds
-the upstream, checks its commit, imports it, and keeps one active PatchSet per target.
+Adding an upstream is one folder ``vaepatch/targets/<name>/`` plus its ``[<name>]`` entry in
+``upstream_pins.toml`` (and ``third_party/UPSTREAM.toml``). The folder provides, by convention
+(the way Hugging Face transformers finds ``modeling_<name>.py``), and imports no other target:
+
+- ``__init__.py``: ``NAME`` (the pin's name), ``REPO`` ("owner/name"), ``MODULES`` (the upstream's
+  top-level modules the patch needs, imported in this order), optionally ``IMPORT_HINT`` (what to do
+  when importing the clone fails) and ``BENCHES`` (``vaepatch bench`` name -> module with ``main``).
+  Constants only: importing it must not import torch models or the upstream.
+- ``patch.py``: ``build(variant, modules, fuse=False) -> list[vaepatch.patching.Patch]``, what
+  ``vaepatch.apply`` replaces, with each original's fingerprint at the pinned commit.
+- ``shims.py``: ``SHIMS``, the ``vaepatch.runs.shims.Shim`` fixes the pinned code needs on today's stack.
+- ``launch.py``: ``add_arguments(parser)`` (its own ``vaepatch run`` options) and
+  ``run_from_args(args, train_args) -> run.json dict``, built on ``vaepatch.runs``.
+- ``logs.py``: ``UPSTREAM_LOG``, a ``vaepatch.runs.logs.UpstreamLog`` reading the upstream's own log,
+  registered here so ``vaepatch compare`` reads it by the ``target`` a ``run.json`` names.
 """
 from __future__ import annotations
 
-import contextlib
 import importlib
-import os
-import sys
-import warnings
-from dataclasses import dataclass, field
 
-from vaepatch import upstream as _upstream
-from vaepatch.patching import PatchSet
-from vaepatch.variant import Variant
+from vaepatch import upstream
+from vaepatch.runs import logs
 
-TARGETS = {"vdvae": "vaepatch.targets.vdvae", "nvae": "vaepatch.targets.nvae"}
-_active: dict = {}  # target name -> Handle
+__all__ = ["NAMES", "package", "part", "benches"]
+
+NAMES = tuple(upstream.PINS)  # one target per pin, in the pins file's order
+PARTS = ("patch", "shims", "launch", "logs")
 
 
-@dataclass
-class Handle:
-    """What one ``apply`` did to one upstream: the variant, where it came from, the patches."""
-
-    target: str
-    variant: Variant
-    location: str
-    patchset: PatchSet = field(repr=False)
-    fuse: bool = False
-
-    def revert(self):
-        self.patchset.revert()
-        if _active.get(self.target) is self:
-            del _active[self.target]
+def package(name: str):
+    """The target package ``vaepatch.targets.<name>``; an unknown name lists the supported ones."""
+    if name not in NAMES:
+        raise ValueError(f"unknown target {name!r}; supported: {', '.join(NAMES)}")
+    return importlib.import_module(f"{__name__}.{name}")
 
 
-def _target_module(name):
-    if name not in TARGETS:
-        raise ValueError(f"unknown target {name!r}; supported: {', '.join(TARGETS)}")
-    return importlib.import_module(TARGETS[name])
+def part(name: str, part_name: str):
+    """One of a target's conventional modules (``patch``, ``shims``, ``launch``, ``logs``)."""
+    if part_name not in PARTS:
+        raise ValueError(f"unknown target part {part_name!r}; one of {', '.join(PARTS)}")
+    package(name)
+    return importlib.import_module(f"{__name__}.{name}.{part_name}")
 
 
-def _import_upstream(name, upstream, strict):
-    """The upstream's modules: already imported ones win, else the located clone (verified)."""
-    target = _target_module(name)
-    if all(m in sys.modules for m in target.MODULES) and upstream is None:
-        modules = {m: sys.modules[m] for m in target.MODULES}
-        return modules, getattr(modules[target.MODULES[-1]], "__file__", "already imported")
-    path = _upstream.locate(name, upstream)
-    if path is None:
-        raise _upstream.UpstreamError(
-            f"no {name} clone found (looked at upstream=, ${_upstream.pin(name).env}, {_upstream.default_dest(name)}) "
-            f"and its modules {', '.join(target.MODULES)} are not imported.\nrun: vaepatch fetch {name}")
-    try:
-        _upstream.verify(path, name)
-    except _upstream.UpstreamError:
-        if strict:
-            raise
-        warnings.warn(f"{name} clone at {path} is not the pinned commit or has local edits; patching anyway (strict=False)", stacklevel=4)
-    _upstream.add_to_path(path)
-    try:
-        modules = {m: importlib.import_module(m) for m in target.MODULES}
-    except ImportError as err:
-        raise _upstream.UpstreamError(f"importing the {name} clone at {path} failed: {err}\n"
-                                      f"{getattr(target, 'IMPORT_HINT', '')}".rstrip()) from err
-    for m, mod in modules.items():
-        if not str(getattr(mod, "__file__", "")).startswith(str(path)):
-            raise _upstream.UpstreamError(f"module {m!r} was imported from {getattr(mod, '__file__', '?')}, not from the {name} clone at {path}: "
-                                          f"another module named {m!r} shadows it. Start a fresh interpreter, or put {path} first on sys.path.")
-    return modules, str(path)
+def benches() -> dict:
+    """``vaepatch bench`` names that belong to one upstream -> their modules."""
+    return {bench: module for name in NAMES for bench, module in getattr(package(name), "BENCHES", {}).items()}
 
 
-def _present(name):
-    target = _target_module(name)
-    if all(m in sys.modules for m in target.MODULES):
-        return True
-    try:
-        return _upstream.locate(name) is not None
-    except _upstream.UpstreamError:
-        return True  # an explicit but broken location: let apply report it
-
-
-def _imported(name):
-    return all(m in sys.modules for m in _target_module(name).MODULES)
-
-
-def _default_targets():
-    """Upstreams already imported win; else the one clone present. Two clones and nothing imported
-    is ambiguous (their top-level module names clash, e.g. both have ``utils``): ask for target=."""
-    imported = [n for n in TARGETS if _imported(n)]
-    if imported:
-        return imported
-    present = [n for n in TARGETS if _present(n)]
-    if len(present) > 1:
-        raise ValueError(f"clones of {', '.join(present)} are all present and none is imported yet, so vaepatch "
-                         "cannot tell which one you train: pass target=" + " or target=".join(map(repr, present))
-                         + " (one upstream per process: their module names clash)")
-    return present
-
-
-def _fuse_default():
-    return os.environ.get("VAEPATCH_FUSE", "0").strip().lower() in ("1", "true", "yes", "on")
-
-
-def apply(variant, target=None, upstream=None, strict=True, fuse=None):
-    """Patch ``target`` (default: every supported upstream that is present) with ``variant``.
-
-    ``fuse=True`` (default: ``$VAEPATCH_FUSE``, off) compiles each block's elementwise math
-    with ``torch.compile``: a one-off compile (~25 s on CPU) for a faster step.
-
-    Applying the variant already active is a no-op; another variant is swapped in after the
-    old one is reverted.  Returns the Handle (or a list of them when target is None and more
-    than one upstream is present).
-    """
-    variant = Variant.parse(variant)
-    names = [target] if target is not None else _default_targets()
-    if not names:
-        raise _upstream.UpstreamError(
-            "no supported upstream found to patch: none of "
-            + ", ".join(f"{n} ({_upstream.default_dest(n)}, ${_upstream.pin(n).env})" for n in TARGETS)
-            + " is present or imported.\nrun: vaepatch fetch vdvae   (or pass upstream=PATH and target=...)")
-    fuse = _fuse_default() if fuse is None else bool(fuse)
-    handles = [_apply_one(n, variant, upstream, strict, fuse) for n in names]
-    return handles[0] if len(handles) == 1 else handles
-
-
-def _apply_one(name, variant, upstream, strict, fuse):
-    active = _active.get(name)
-    if active is not None and active.variant.spec == variant.spec and active.fuse == fuse and upstream is None:
-        return active
-    modules, location = _import_upstream(name, upstream, strict)
-    if active is not None:
-        active.revert()
-    target = _target_module(name)
-    patches = [] if variant.is_vanilla else target.build(variant, modules, fuse=fuse)
-    pinned = _upstream.pin(name).commit
-    patchset = PatchSet(patches, label=f"{name} ({location}) with variant {variant.name!r}", pinned_commit=pinned)
-    patchset.apply(strict=strict)
-    handle = Handle(name, variant, location, patchset, fuse)
-    _active[name] = handle
-    return handle
-
-
-def revert(target=None):
-    """Restore every original of ``target`` (default: all patched targets) exactly."""
-    names = [target] if target is not None else list(_active)
-    for name in names:
-        if name in _active:
-            _active[name].revert()
-
-
-def active():
-    """Target name -> variant currently applied."""
-    return {name: handle.variant for name, handle in _active.items()}
-
-
-@contextlib.contextmanager
-def patched(variant, target=None, upstream=None, strict=True, fuse=None):
-    """``with vaepatch.patched("upbounded1"): ...`` — apply on entry, restore on exit."""
-    before = dict(_active)
-    handles = apply(variant, target, upstream, strict, fuse)
-    try:
-        yield handles
-    finally:
-        for handle in handles if isinstance(handles, list) else [handles]:
-            handle.revert()
-        for name, previous in before.items():  # put back what was active before the block
-            if name not in _active:
-                previous.patchset.apply(strict=False)
-                _active[name] = previous
+for _name in NAMES:  # every target's own log reader, for `vaepatch compare`
+    logs.register(part(_name, "logs").UPSTREAM_LOG)

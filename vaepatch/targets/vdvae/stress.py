@@ -18,11 +18,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from vaepatch import cifar_format, report
+from vaepatch.targets.vdvae.tiny import TRAIN_ARGS as TINY_ARGS
 from vaepatch.variant import variants
 
-TINY_ARGS = ["--hps", "cifar10", "--width", "32", "--zdim", "8", "--n_batch", "16",
-             "--dec_blocks", "1x1,4m1,4x1,8m4,8x1,16m8,16x1,32m16,32x1",
-             "--enc_blocks", "32x1,32d2,16x1,16d2,8x1,8d2,4x1,4d4,1x1"]
 PAPER_TABLE_4 = {  # Dehaene & Brossard, Table 4: VDVAE on CIFAR-10, NaN steps / high-gradient skips
     "vanilla": ("13 ± 3", "22 ± 9"), "upbounded1": ("0", "0"), "explin": ("0", "47 ± 61"),
     "explin-cst1": ("0", "1 ± 1"),

@@ -25,18 +25,15 @@ without gradients or in eval mode, so evaluation and sampling use the plain mode
 """
 from __future__ import annotations
 
-import math
 import threading
 import warnings
 
 import torch
-import torch.nn.functional as F
 
-from vaepatch import gaussian, ou, scales
+from vaepatch import gaussian, scales
 from vaepatch.patching import Patch
+from vaepatch.targets.vdvae.ou import OUSource, split_prior, smoothed_prior
 
-NAME = "vdvae"
-MODULES = ("vae_helpers", "vae")
 UPSTREAM_SCALE = scales.get("exp")
 
 # fingerprint(owner, attribute) of each replaced original at the pinned commit
@@ -48,57 +45,7 @@ FINGERPRINTS = {
     ("vae_helpers", "draw_gaussian_diag_samples"): "4c39ce45cc084d9b",
     ("vae.Decoder", "forward"): "c184cf1d2dbb6302",
 }
-_pass = threading.local()  # .previous: the last block's OU source within the current decoder pass
-
-
-def _split_prior(block, x):
-    """The prior head's output as (mean, raw scale, residual features)."""
-    feats = block.prior(x)
-    z = block.zdim
-    return torch.split(feats, [z, z, feats.shape[1] - 2 * z], dim=1)
-
-
-class OUSource:
-    """What a block leaves for the next one: how to redo its output for another latent."""
-
-    def __init__(self, block, x, z, loc, scale):
-        self.block, self.x, self.z, self.loc, self.scale = block, x, z, loc, scale
-
-    def output(self, z):
-        """The block's output (what its forward writes to xs) for latent ``z`` (any batch multiple)."""
-        repeats = z.shape[0] // self.x.shape[0]
-        return self.block.resnet(self.x.repeat(repeats, 1, 1, 1) + self.block.z_fn(z))
-
-
-def _upsample(block, features, width):
-    return F.interpolate(features[:, :width], scale_factor=block.base // block.mixin)
-
-
-def smoothed_prior(block, x, source, ou_option, prior, eps=None):
-    """(mean, log scale) of ``block``'s prior averaged over K OU copies of the previous latent.
-
-    ``x`` is the block's real input. Returns None when the block's input does not depend on the
-    previous block (a new resolution without a mixin from it). The scale is averaged in
-    log space (log-mean-exp), so a tiny sigma never goes through log(exp(.)).
-    """
-    previous = source.block
-    if block.mixin is None and previous.base != block.base:
-        return None
-    if block.mixin is not None and block.mixin != previous.base:
-        return None
-    samples = ou_option.samples
-    copies = ou.correlated(source.z, source.loc, source.scale, ou_option.rho, samples, eps)
-    out = source.output(copies.flatten(0, 1))
-    if block.mixin is None:
-        x_in = out
-    else:  # x = (this resolution's own state) + upsampled previous output: swap only the latter
-        with torch.no_grad():
-            own = x - _upsample(block, source.output(source.z), x.shape[1])
-        x_in = own.repeat(samples, 1, 1, 1) + _upsample(block, out, x.shape[1])
-    pm, pv, _ = _split_prior(block, x_in)
-    _, log_scale = prior(pv)
-    unflatten = lambda t: t.reshape(samples, -1, *t.shape[1:])  # noqa: E731
-    return unflatten(pm).mean(0), torch.logsumexp(unflatten(log_scale), 0) - math.log(samples)
+_pass = threading.local()  # .chain: {"previous": the last block's OUSource} within the current decoder pass
 
 
 def fused(fn):
@@ -149,7 +96,7 @@ def build(variant, modules, fuse=False):
     def sample(self, x, acts):
         """Posterior draw and stable KL for one block (replaces DecBlock.sample)."""
         qm, qv = self.enc(torch.cat([x, acts], dim=1)).chunk(2, dim=1)
-        pm, pv, residual = _split_prior(self, x)
+        pm, pv, residual = split_prior(self, x)
         chain = getattr(_pass, "chain", None) if smoothing is not None else None
         if chain is None or not (self.training and torch.is_grad_enabled()):
             z, kl = block_math(qm, qv, pm, pv, torch.randn_like(qm))
@@ -176,7 +123,7 @@ def build(variant, modules, fuse=False):
 
     def sample_uncond(self, x, t=None, lvs=None):
         """Prior draw with temperature multiplying sigma (replaces DecBlock.sample_uncond)."""
-        pm, pv, residual = _split_prior(self, x)
+        pm, pv, residual = split_prior(self, x)
         if lvs is not None:
             return lvs, x + residual
         p_scale, _ = prior(pv)

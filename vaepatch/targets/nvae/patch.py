@@ -43,7 +43,7 @@ and ``sample_given_eps`` (they only read ``self.mu`` / ``self.sigma``).
 
 With ``ou`` set (Pervez & Gavves), each training forward also records the decoder's path with
 hooks and gives every prior Normal but the top one its OU-smoothed mean and scale
-(``vaepatch.targets.nvae_ou``); ``Normal.sample`` is then wrapped only to record the posterior
+(``vaepatch.targets.nvae.ou``); ``Normal.sample`` is then wrapped only to record the posterior
 draws the smoothing starts from.
 """
 from __future__ import annotations
@@ -59,14 +59,9 @@ import torch
 
 from vaepatch import gaussian, scales
 from vaepatch.patching import Patch, PatchError
-from vaepatch.targets import nvae_ou
+from vaepatch.targets.nvae import ou as nvae_ou
 
-NAME = "nvae"
-MODULES = ("distributions", "model")
 UPSTREAM_SCALE = scales.get("softclamp")
-IMPORT_HINT = ("NVAE imports tensorboardX, lmdb and torchvision at module level. Install them, or install "
-               "vaepatch's stand-ins first: vaepatch.compat.install(vaepatch.compat.needed(cpu, "
-               "vaepatch.compat.NVAE_SHIMS)) (cpu=True also makes .cuda() and the batch norms work on CPU)")
 
 # fingerprint(owner, attribute) of each replaced original at the pinned commit
 # 9fc1a288fb831c87d93a4e2663bc30ccf9225b29 (vaepatch.patching.fingerprint).

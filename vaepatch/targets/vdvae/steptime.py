@@ -11,42 +11,8 @@ import time
 
 import torch
 
-from vaepatch.bench import steptime
-
-ONE_BLOCK_PER_RESOLUTION = dict(
-    dec_blocks="1x1,4m1,8m4,16m8,32m16",
-    enc_blocks="32x1,32d2,16x1,16d2,8x1,8d2,4x1,4d4,1x1",
-)
-
-
-def tiny_hparams(**overrides):
-    """Upstream's own hyperparameters for ``--hps cifar10``, made tiny, parsed by upstream's hps.py."""
-    import hps  # from the clone on sys.path
-
-    settings = dict(width=32, zdim=8, n_batch=16, **ONE_BLOCK_PER_RESOLUTION)
-    settings.update(overrides)
-    argv = ["--hps", "cifar10"] + [f"--{k}={v}" for k, v in settings.items()]
-    parser = argparse.ArgumentParser()
-    hps.add_vae_arguments(parser)
-    H = hps.Hyperparams()
-    hps.parse_args_and_update_hparams(H, parser, s=argv)
-    H.update(image_size=32, image_channels=3)  # set by upstream's data setup, not by its arguments
-    return H
-
-
-def tiny_vae(seed=0, **overrides):
-    import vae
-
-    torch.manual_seed(seed)
-    H = tiny_hparams(**overrides)
-    return H, vae.VAE(H)
-
-
-def cifar_like_batch(n, seed=0, size=32):
-    """Upstream's input convention: (N, H, W, C) in [-1, 1], target likewise."""
-    g = torch.Generator().manual_seed(seed)
-    x = torch.rand(n, size, size, 3, generator=g) * 2 - 1
-    return x, x.clone()
+from vaepatch.bench import timing
+from vaepatch.targets.vdvae.tiny import batch, tiny_vae
 
 
 def _step(model, optimizer, x):
@@ -70,17 +36,17 @@ def measure(variant="upbounded1", steps=30, warmup=5, threads=None, seed=0, fuse
     try:
         patchset.revert()
         H, model = tiny_vae(seed)
-        x, _ = cifar_like_batch(H.n_batch, seed)
+        x, _ = batch(H.n_batch, seed)
         _, twin = tiny_vae(seed)  # not deepcopy: upstream's z_fn/final_fn lambdas would still point at `model`
         twin.load_state_dict(model.state_dict())
         models = {"vanilla": model, "patched": twin}  # same weights, same batch
         optimizers = {name: torch.optim.SGD(m.parameters(), lr=1e-6) for name, m in models.items()}
         step_fns = {name: (lambda i, m=m, opt=optimizers[name]: _step(m, opt, x)) for name, m in models.items()}
-        med = steptime.interleaved(patchset, step_fns, steps, warmup,
-                                   desc=f"vanilla vs {variant}{' (fused)' if fuse else ''}")
+        med = timing.interleaved(step_fns, steps, warmup, desc=f"vanilla vs {variant}{' (fused)' if fuse else ''}",
+                                 before=timing.toggle(patchset))
     finally:
         vaepatch.revert("vdvae")
-    return steptime.row(variant, med, steps, fuse=fuse)
+    return timing.row(variant, med, steps, fuse=fuse)
 
 
 def main(argv=None) -> int:
@@ -95,5 +61,5 @@ def main(argv=None) -> int:
     modes = {"off": [False], "on": [True], "both": [False, True]}[args.fuse]
     rows = [measure(v.strip(), args.steps, args.warmup, args.threads, fuse=f)
             for v in args.variants.split(",") if v.strip() for f in modes]
-    print(steptime.table(rows, args.steps, args.warmup, columns=[("fused", 6, lambda r: "yes" if r["fuse"] else "no")]))
+    print(timing.table(rows, args.steps, args.warmup, columns=[("fused", 6, lambda r: "yes" if r["fuse"] else "no")]))
     return 0

@@ -69,7 +69,7 @@ class Parts:
 def _norm_layers(modules, parts):
     """Every batch-norm layer called inside ``modules``: (the module called, the module holding
     the affine parameters, whether swish follows). NVAE's wrapper counts as the layer, not the
-    nn.SyncBatchNorm inside it (on CPU vaepatch's compat shim runs that one without its hooks)."""
+    nn.SyncBatchNorm inside it (on CPU vaepatch's cpu-sync-batchnorm shim runs that one without its hooks)."""
     found = [m for module in modules for m in module.modules()]
     wrapper = parts.batch_norm_wrapper
     wrapped = {id(m.bn) for m in found if wrapper is not None and isinstance(m, wrapper)}

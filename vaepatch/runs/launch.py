@@ -1,0 +1,61 @@
+"""What ``vaepatch run`` does the same way for every upstream before and after the training script.
+
+Resolve the variant, find and verify the clone, check ``--max-steps`` and the device (each failure a
+:class:`~vaepatch.runs.manifest.LaunchError` that says what to change), describe the installed shims
+for ``run.json``, and tear the process group down after a crash without hiding the crash.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from vaepatch import upstream
+from vaepatch.runs.manifest import LaunchError
+from vaepatch.variant import Variant
+
+__all__ = ["resolve_variant", "check_max_steps", "find_clone", "require_device", "shim_record",
+           "destroy_process_group"]
+
+
+def resolve_variant(spec) -> Variant:
+    """The variant, or a LaunchError naming what is wrong before anything starts."""
+    try:
+        return Variant.parse(spec)
+    except ValueError as e:
+        raise LaunchError(str(e)) from None
+
+
+def check_max_steps(max_steps) -> None:
+    if max_steps is not None and max_steps < 1:
+        raise LaunchError(f"--max-steps must be at least 1, got {max_steps}")
+
+
+def find_clone(name: str, path, strict: bool, repo: str) -> Path:
+    """The verified clone of ``name`` (``path``, ``$VAEPATCH_<NAME>`` or the default place)."""
+    location = upstream.locate(name, path)
+    if location is None:
+        raise LaunchError(f"no {repo} clone at {upstream.default_dest(name)} and ${upstream.pin(name).env} is not set.\n"
+                          f"run: vaepatch fetch {name}   (or pass --upstream PATH)")
+    return upstream.verify(location, name, allow_dirty=not strict)
+
+
+def require_device(cpu: bool) -> None:
+    import torch
+
+    if not cpu and not torch.cuda.is_available():
+        raise LaunchError("no CUDA device is visible. Pass --cpu to run on CPU (slow; meant for smoke tests "
+                          "and the small stress grid), or check CUDA_VISIBLE_DEVICES / the driver.")
+
+
+def shim_record(installed) -> list:
+    """The ``compat`` entry of run.json: each shim switched on and the upstream line it fixes."""
+    return [{"name": s.name, "fixes": s.fixes} for s in installed.shims]
+
+
+def destroy_process_group() -> None:
+    try:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+    except Exception:  # noqa: BLE001 - tearing down after a crash must not hide the crash
+        pass

@@ -1,0 +1,208 @@
+"""`vaepatch run vdvae`: upstream train.py with a variant applied and every training step logged.
+
+One process per MPI rank (``mpiexec -n N vaepatch run vdvae ...``), as upstream runs. Each
+process finds and verifies the clone, switches on the compat shims this machine needs,
+applies the variant, then runs the clone's own ``train.py`` — its ``main()``, with
+``sys.argv`` and ``__main__`` as its ``if __name__ == "__main__"`` guard would have them —
+while recording each ``training_step`` as one line of ``OUT/events.jsonl``. VDVAE's own
+logs and checkpoints go where they always go (``--save_dir``/``--desc``).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+from vaepatch import upstream
+from vaepatch.api import apply
+from vaepatch.patching import Patch, PatchSet
+from vaepatch.runs import manifest as run_manifest
+from vaepatch.runs.launch import (check_max_steps, destroy_process_group, find_clone, require_device,
+                                  resolve_variant, shim_record)
+from vaepatch.runs.manifest import LaunchError
+from vaepatch.runs.recorder import StepRecorder as BaseStepRecorder
+from vaepatch.runs.recorder import StopAtMaxSteps
+from vaepatch.runs.script import load_script
+from vaepatch.targets.vdvae.shims import install as install_shims
+
+__all__ = ["LaunchError", "StopAtMaxSteps", "check_vdvae_args", "run_vdvae", "StepRecorder", "load_script", "add_arguments",
+           "run_from_args", "LOSS_UNIT"]
+
+LOSS_UNIT = "nats/dim"  # VDVAE's elbo is per pixel channel; report.py turns it into bits/dim
+
+
+def check_vdvae_args(train_args: list[str]):
+    """Parse ``train_args`` with upstream's own parser; catch its traps with a clear message.
+
+    Returns upstream's Hyperparams. Needs the clone on ``sys.path``.
+    """
+    hps = importlib.import_module("hps")
+    parser = hps.add_vae_arguments(argparse.ArgumentParser(prog="train.py"))
+    given = parser.parse_args(train_args)  # argparse's own errors: usage + exit 2
+    known = sorted(hps.HPARAMS_REGISTRY)
+    if not given.hparam_sets:
+        raise LaunchError(
+            "VDVAE needs --hps, a named hyperparameter set (upstream fails with \"'NoneType' object has "
+            f"no attribute 'split'\" without it); known sets: {', '.join(known)}. "
+            "Example: vaepatch run vdvae --variant upbounded1 --out runs/a -- --hps cifar10 --data_root DATA")
+    unknown = [s for s in given.hparam_sets.split(",") if s and s not in hps.HPARAMS_REGISTRY]
+    if unknown:
+        raise LaunchError(f"unknown VDVAE hyperparameter set(s) {', '.join(unknown)} in --hps; known: {', '.join(known)}")
+    H = hps.Hyperparams()
+    hps.parse_args_and_update_hparams(H, parser, s=train_args)
+    if H.warmup_iters == 0:
+        raise LaunchError(
+            "--warmup_iters 0: VDVAE's learning-rate warm-up divides by it (ZeroDivisionError at the first "
+            "step). Pass --warmup_iters 1 or more (the cifar10 set uses 100).")
+    return H
+
+
+def _require_mpi4py() -> None:
+    if importlib.util.find_spec("mpi4py") is None:
+        raise LaunchError("VDVAE's train.py runs under MPI through mpi4py, which is not installed. "
+                          "run: pip install 'vaepatch[mpi]'   (on a cluster: mpi4py built against its MPI)")
+
+
+class StepRecorder(BaseStepRecorder):
+    """Wraps upstream's ``training_step`` to write one event per call, with the truth about the step.
+
+    ``reason`` follows VDVAE's own rule (a NaN mean loss on any rank, or a grad norm at or above
+    ``skip_threshold`` / NaN), except that any non-finite loss counts as ``"nan"``: upstream checks
+    only ``isnan``, so an inf loss is skipped only through its grad norm.
+    """
+
+    def __init__(self, writer=None, max_steps: int | None = None):
+        super().__init__(writer, max_steps)
+        self._in_step = False
+        self._local_loss = None
+
+    def stats_over_ranks(self, original):
+        """Wrap ``get_cpu_stats_over_ranks`` to keep this rank's own loss before ranks are averaged."""
+        def get_cpu_stats_over_ranks(stat_dict):
+            if self._in_step and "elbo" in stat_dict:
+                loss = stat_dict["elbo"]
+                self._local_loss = float(loss.detach() if hasattr(loss, "detach") else loss)
+            return original(stat_dict)
+        return get_cpu_stats_over_ranks
+
+    def training_step(self, original):
+        def training_step(H, data_input, target, vae, ema_vae, optimizer, iterate):
+            self.check_max_steps(iterate)
+            self._in_step, self._local_loss = True, None
+            start = time.perf_counter()
+            try:
+                stats = original(H, data_input, target, vae, ema_vae, optimizer, iterate)
+            finally:
+                self._in_step = False
+            elapsed = time.perf_counter() - start
+            self.record(iterate, stats, elapsed)
+            return stats
+        return training_step
+
+    def record(self, step, stats, elapsed) -> None:
+        mean_loss = float(stats["elbo"])
+        any_rank_nonfinite = (not math.isfinite(mean_loss) or stats.get("distortion_nans", 0) > 0
+                              or stats.get("rate_nans", 0) > 0)
+        skipped = bool(stats["skipped_updates"])
+        reason = None if not skipped else ("nan" if any_rank_nonfinite else "grad")
+        loss = self._local_loss if self._local_loss is not None else mean_loss
+        self.write(step, loss, float(stats["grad_norm"]), skipped, reason, elapsed)
+
+
+def run_vdvae(variant: str, out: str | os.PathLike, train_args: list[str], *, upstream_path=None,
+              cpu: bool = False, max_steps: int | None = None, fuse: bool | None = None,
+              strict: bool = True) -> dict:
+    """Run openai/vdvae's train.py with ``variant``; returns the final run.json contents."""
+    resolved = resolve_variant(variant)  # unknown variant: clear error before anything starts
+    check_max_steps(max_steps)
+    location = find_clone("vdvae", upstream_path, strict, "openai/vdvae")
+    _require_mpi4py()
+    require_device(cpu)
+    upstream.add_to_path(location)
+    H = check_vdvae_args(train_args)
+
+    from mpi4py import MPI
+
+    comm = MPI.COMM_WORLD
+    rank, world = comm.Get_rank(), comm.Get_size()
+    out = Path(out).resolve()
+    manifest_path = out / "run.json"
+    previous = run_manifest.previous(out, resolved.spec)
+    comm.Barrier()  # every rank has checked the old manifest before rank 0 rewrites it
+
+    recorder = StepRecorder(max_steps=max_steps)
+    writer = recorder.open(out / "events.jsonl", rank)
+    manifest = previous or run_manifest.new("vdvae", variant, resolved.spec, upstream_commit=upstream.pin("vdvae").commit,
+                                            seed=H.seed, argv=train_args, loss_unit=LOSS_UNIT)
+    if writer.resumed_from is not None and not H.restore_path:
+        writer.close()
+        raise LaunchError(f"{out / 'events.jsonl'} already has steps up to {writer.resumed_from} from an earlier "
+                          "attempt, and this one starts from scratch (no --restore_path): its steps would mix "
+                          "two trajectories. Continue with VDVAE's --restore_* flags, or use a new --out.")
+    shims = install_shims(cpu)
+    handle = None
+    saved_argv, saved_main = sys.argv, sys.modules.get("__main__")
+    session = {"started": run_manifest.now(), "argv": list(train_args), "resumed_after_step": writer.resumed_from}
+    manifest.update(
+        world_size=world, device="cpu" if cpu else "cuda", fuse=bool(fuse) if fuse is not None else None,
+        compat=shim_record(shims), max_steps=max_steps,
+        upstream_path=str(location), upstream_logdir=str(Path(H.save_dir or ".", H.desc or "test").resolve()),
+        status="running", ended=None)
+    manifest.setdefault("sessions", []).append(session)
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        run_manifest.write(manifest_path, manifest)
+    if writer.resumed_from is not None and rank == 0:
+        print(f"vaepatch: {out / 'events.jsonl'} already has steps up to {writer.resumed_from}; "
+              "steps re-run after a restore are not logged twice", flush=True)
+
+    status = "crashed"
+    try:
+        handle = apply(resolved, target="vdvae", upstream=location, strict=strict, fuse=fuse)
+        train_py = location / "train.py"
+        train, _ = load_script(train_py)  # its guard only calls main()
+        hooks = PatchSet([
+            Patch(train, "training_step", recorder.training_step(train.training_step)),
+            Patch(train, "get_cpu_stats_over_ranks", recorder.stats_over_ranks(train.get_cpu_stats_over_ranks)),
+        ], label="vaepatch step recorder").apply()
+        sys.argv, sys.modules["__main__"] = [str(train_py), *train_args], train
+        try:
+            train.main()
+            status = "completed"
+        except StopAtMaxSteps:
+            status = f"stopped at --max-steps {max_steps}"
+        finally:
+            hooks.revert()
+    except BaseException as e:
+        status = f"crashed: {type(e).__name__}: {e}"
+        raise
+    finally:
+        sys.argv = saved_argv
+        if saved_main is not None:
+            sys.modules["__main__"] = saved_main
+        recorder.close()
+        session.update(status=status, ended=run_manifest.now(), steps_logged=recorder.logged)
+        manifest.update(status=status, ended=session["ended"])
+        if rank == 0:
+            run_manifest.write(manifest_path, manifest)
+        destroy_process_group()
+        if handle is not None:
+            handle.revert()
+        shims.revert()
+    return manifest
+
+
+def add_arguments(parser) -> None:
+    """``vaepatch run vdvae``'s own options."""
+    parser.add_argument("--fuse", action="store_true", default=None, help="torch.compile the patched block math")
+
+
+def run_from_args(args, train_args: list) -> dict:
+    """``vaepatch run vdvae`` with the parsed command line."""
+    return run_vdvae(args.variant, args.out, train_args, upstream_path=args.upstream, cpu=args.cpu,
+                     max_steps=args.max_steps, fuse=args.fuse, strict=not args.no_strict)

@@ -1,0 +1,54 @@
+"""A tiny configuration of the real openai/vdvae (width 32, zdim 8, one block per resolution,
+batch 16, 32x32), built by VDVAE's own code: what the tests and the CPU benches train and time.
+Needs the clone on ``sys.path`` (``vaepatch.apply`` or ``upstream.add_to_path`` puts it there).
+"""
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from vaepatch import cifar_format
+
+__all__ = ["ONE_BLOCK_PER_RESOLUTION", "TRAIN_ARGS", "tiny_hparams", "tiny_vae", "batch"]
+
+ONE_BLOCK_PER_RESOLUTION = dict(
+    dec_blocks="1x1,4m1,8m4,16m8,32m16",
+    enc_blocks="32x1,32d2,16x1,16d2,8x1,8d2,4x1,4d4,1x1",
+)
+# The same kind of model as train.py arguments (one more block per resolution in the decoder),
+# for runs through `vaepatch run vdvae` (the stress and stability-margin benches).
+TRAIN_ARGS = ["--hps", "cifar10", "--width", "32", "--zdim", "8", "--n_batch", "16",
+              "--dec_blocks", "1x1,4m1,4x1,8m4,8x1,16m8,16x1,32m16,32x1",
+              "--enc_blocks", "32x1,32d2,16x1,16d2,8x1,8d2,4x1,4d4,1x1"]
+
+
+def tiny_hparams(**overrides):
+    """Upstream's own hyperparameters for ``--hps cifar10``, made tiny, parsed by upstream's hps.py."""
+    import hps  # from the clone on sys.path
+
+    settings = dict(width=32, zdim=8, n_batch=16, **ONE_BLOCK_PER_RESOLUTION)
+    settings.update(overrides)
+    argv = ["--hps", "cifar10"] + [f"--{k}={v}" for k, v in settings.items()]
+    parser = argparse.ArgumentParser()
+    hps.add_vae_arguments(parser)
+    H = hps.Hyperparams()
+    hps.parse_args_and_update_hparams(H, parser, s=argv)
+    H.update(image_size=32, image_channels=3)  # set by upstream's data setup, not by its arguments
+    return H
+
+
+def tiny_vae(seed=0, **overrides):
+    """(H, vae.VAE(H)) for :func:`tiny_hparams`, weights drawn from ``seed``."""
+    import vae
+
+    torch.manual_seed(seed)
+    H = tiny_hparams(**overrides)
+    return H, vae.VAE(H)
+
+
+def batch(n, seed=0):
+    """``n`` natural 32x32 crops in VDVAE's input convention: (N, H, W, C) in [-1, 1]; input and target."""
+    images = torch.from_numpy(cifar_format.crops(n, seed=seed)).float()
+    x = images / 127.5 - 1.0
+    return x, x.clone()
