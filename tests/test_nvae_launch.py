@@ -154,3 +154,20 @@ def test_smoke_script_runs_nvae_end_to_end_then_skips_what_completed(tmp_path):
 def test_continuing_without_a_checkpoint_is_caught_before_nvae_starts(tmp_path, data):
     result = _run(tmp_path / "run", data, extra=["--cont_training"])
     assert result.returncode == 2 and "no checkpoint at" in result.stderr and "checkpoint.pt" in result.stderr
+
+
+def test_missing_dataset_is_named_before_nvae_starts(tmp_path):
+    empty = tmp_path / "nothing"
+    empty.mkdir()
+    result = _run(tmp_path / "run", empty)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert "missing cifar-10-batches-py/data_batch_1" in result.stderr and "test_batch" in result.stderr
+    assert cifar_format.CIFAR_SOURCE in result.stderr and "vaepatch make-data" in result.stderr
+    assert not (tmp_path / "run" / "run.json").exists()
+
+
+def test_events_carry_the_loss_parts(tmp_path, data):
+    out = tmp_path / "run"
+    assert _run(out, data, epochs=1).returncode == 0
+    log = events.read(out).events
+    assert all(e["kl"] > 0 and e["recon"] > 0 and "where" not in e for e in log)

@@ -101,10 +101,11 @@ def test_every_bad_input_is_reported_never_dropped(tmp_path, capsys):
     assert code == 0
     summary = {s["variant"]: s for s in json.loads(out)}
     good_problems = summary["vanilla"]["problems"]
-    assert summary["vanilla"]["steps"] == 2  # the 3 bad lines are not counted...
-    assert len(good_problems) == 3  # ...and each one is named
+    assert summary["vanilla"]["steps"] == 3  # the NaN literal is a step (counted like null)...
+    assert summary["vanilla"]["nan_steps"]["mean"] == 1
+    assert len(good_problems) == 2  # ...the 2 broken lines are not counted, and each one is named
     assert any("line 3" in p and "not JSON" in p for p in good_problems)
-    assert any("line 4" in p for p in good_problems)  # the NaN literal: not strict JSON
+    assert not any("line 4" in p for p in good_problems)
     assert any("line 5" in p and "truncated last line" in p for p in good_problems)
     assert summary["explin"]["steps"] == 0 and "killed" in summary["explin"]["status"][0]
     assert any("no events file" in p for p in summary["explin"]["problems"])

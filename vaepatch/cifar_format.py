@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["VALIDATION_HOLDOUT", "make", "crops", "read", "FOLDER"]
+__all__ = ["VALIDATION_HOLDOUT", "make", "crops", "read", "missing", "FOLDER", "CIFAR_SOURCE"]
 
 VALIDATION_HOLDOUT = 5000  # VDVAE's data.py splits this many training images off for validation
 BATCHES = 5
@@ -78,6 +78,12 @@ def make(dest: str | Path, n_train: int = 6000, n_test: int = 500, seed: int = 0
         _write_batch(folder / f"data_batch_{b}", chunk, f"training batch {b} of {BATCHES}")
     _write_batch(folder / "test_batch", images[n_train:], "testing batch 1 of 1")
     return Path(dest)
+
+
+def missing(root: str | Path) -> list[str]:
+    """The CIFAR-10 batch files (``cifar-10-batches-py/...``) absent under ``root``; [] when complete."""
+    names = [f"data_batch_{b}" for b in range(1, BATCHES + 1)] + ["test_batch"]
+    return [f"{FOLDER}/{n}" for n in names if not (Path(root) / FOLDER / n).is_file()]
 
 
 def read(root: str | Path, train: bool = True) -> tuple[np.ndarray, list[int]]:

@@ -150,7 +150,9 @@ def load_run(path) -> Run:
         run.problems.append(f"{log.path}: {log.duplicates} records repeat a (step, rank); the later record was used")
     if not log.events:
         run.problems.append(f"{log.path}: no usable events")
-    run.counts = _events.count(log.events)
+    stall_steps = manifest.get("stall_steps")
+    run.counts = _events.count(log.events, stall_steps if isinstance(stall_steps, int) and stall_steps > 0
+                               else _events.STALL_STEPS)
     run.curve = _curve(log.events)
     run.final_loss = _final_loss(run.curve)
     return run
@@ -218,6 +220,11 @@ def summarize(runs: list[Run]) -> list[dict]:
             "bits_per_dim": _stat([r.bits_per_dim for r in members]),
             "seeds": [r.seed for r in members],
             "status": sorted({r.status for r in members}),
+            "stalled": {"runs": sum(c.stalled_since is not None for c in counts),
+                        "since": [c.stalled_since for c in counts]},
+            "nonfinite_origins": _merged([c.nonfinite_origins for c in counts]),
+            "first_failures": [{"run": str(r.path), "seed": r.seed, "failure": r.counts.first_failure}
+                               for r in members if r.counts.first_failure],
             "problems": [p for r in members for p in r.problems],
         })
     return out
@@ -231,14 +238,42 @@ def _cell(stat: dict, runs: int, digits: str = ".4g") -> str:
 
 
 COLUMNS = ("variant", "runs", "steps", "NaN steps", "high-grad skips", "AMP skips", "first NaN step",
-           "final loss", "eval loss (final)", "eval loss (best)", "bits/dim")
+           "final loss", "eval loss (final)", "eval loss (best)", "bits/dim", "stalled")
 _KEYS = ("nan_steps", "grad_skips", "amp_skips", "first_nan_step", "final_loss", "eval_loss",
          "best_eval_loss", "bits_per_dim")
 
 
+def _merged(dicts) -> dict:
+    """Counts summed over runs, largest first."""
+    total: dict = {}
+    for d in dicts:
+        for key, n in d.items():
+            total[key] = total.get(key, 0) + n
+    return dict(sorted(total.items(), key=lambda kv: (-kv[1], kv[0])))
+
+
+def _stalled_cell(s: dict) -> str:
+    since = [v for v in s["stalled"]["since"] if v is not None]
+    if not since:
+        return "0"
+    return f"{len(since)}/{s['runs']} (since step {', '.join(map(str, since))})"
+
+
 def rows(summary: list[dict]) -> list[list[str]]:
     return [[s["variant"], str(s["runs"]), str(s["steps"])] + [_cell(s[k], s["runs"]) for k in _KEYS]
-            for s in summary]
+            + [_stalled_cell(s)] for s in summary]
+
+
+def provenance_lines(summary: list[dict]) -> list[str]:
+    """Where the runs broke: per variant, non-finite steps by origin, and each run's first failure."""
+    lines = []
+    for s in summary:
+        if not s["nonfinite_origins"] and not s["first_failures"]:
+            continue
+        lines.append(f"- **{s['variant']}**")
+        lines += [f"  - {n} non-finite step{'s' if n != 1 else ''}: {origin}" for origin, n in s["nonfinite_origins"].items()]
+        lines += [f"  - first failure (seed {f['seed']}): {f['failure']}" for f in s["first_failures"]]
+    return ["", "Where runs broke:", *lines] if lines else []
 
 
 def render(summary: list[dict], fmt: str = "md") -> str:
@@ -258,7 +293,7 @@ def render(summary: list[dict], fmt: str = "md") -> str:
         raise ValueError(f"unknown format {fmt!r}; use md, csv or json")
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(r) + " |" for r in rows(summary)]
-    return "\n".join(lines)
+    return "\n".join(lines + provenance_lines(summary))
 
 
 def plot(runs: list[Run], path) -> Path:

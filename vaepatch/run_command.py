@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from vaepatch import targets, upstream
+from vaepatch.runs.events import STALL_STEPS
 from vaepatch.runs.manifest import LaunchError
 from vaepatch.runs.shims import CompatError
 
@@ -29,13 +30,16 @@ def parser():
     p.add_argument("--upstream", help="path of the clone (default: $VAEPATCH_<TARGET>, then third_party/<target>)")
     p.add_argument("--cpu", action="store_true", help="run on CPU (gloo, no .cuda()); for smoke tests")
     p.add_argument("--max-steps", type=int, help="stop cleanly after this global step count")
+    p.add_argument("--stop-when-stalled", nargs="?", type=int, const=STALL_STEPS, metavar="N",
+                   help=f"stop cleanly once N steps in a row (default {STALL_STEPS}) had no update (skipped or "
+                        "non-finite): the run is dead. Without it a stall is still detected and marked in run.json")
     p.add_argument("--no-strict", action="store_true", help="patch a clone that differs from the pin (warns)")
     own = {}
     for name in targets.NAMES:
         group = p.add_argument_group(f"{name} only")
         targets.part(name, "launch").add_arguments(group)
         own[name] = [(action.dest, action.option_strings[0]) for action in group._group_actions]
-    usage = [f"vaepatch run {name} --variant V --out DIR [--upstream PATH] [--cpu] [--max-steps N] "
+    usage = [f"vaepatch run {name} --variant V --out DIR [--upstream PATH] [--cpu] [--max-steps N] [--stop-when-stalled [N]] "
              + "".join(f"[{flag}] " for _, flag in own[name]) + "-- <train.py args>" for name in targets.NAMES]
     p.usage = "\n       ".join(usage)
     return p, own
@@ -51,6 +55,8 @@ def main(argv=None) -> int:
     args, extra = p.parse_known_args(argv)
     if extra:
         p.error(f"unrecognized arguments {' '.join(extra)}: arguments for train.py go after `--`")
+    if args.stop_when_stalled is not None and args.stop_when_stalled < 1:
+        p.error(f"--stop-when-stalled takes a number of steps >= 1, got {args.stop_when_stalled}")
     for name, options in own.items():
         for dest, flag in options:
             if name != args.target and getattr(args, dest) not in (None, False) and dest not in dict(own[args.target]):

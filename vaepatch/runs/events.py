@@ -9,7 +9,12 @@ as ``write`` returns, and a killed process loses nothing it already wrote.
     log = read("runs/x")          # events sorted by (step, rank), plus problems
     counts = count(log.events)    # nan steps, skips, last loss...
 
-Records are strict JSON: a non-finite loss or grad norm is written as ``null``.
+Records are strict JSON: a non-finite loss or grad norm is written as ``null``. Lines that spell
+a non-finite number the way Python's ``json`` does (``NaN``, ``Infinity``; VDVAE's own logger writes
+them) are read and counted like ``null``, never dropped. Besides the contract's keys, an event may
+carry more (readers ignore what they don't know): ``kl`` and ``recon`` (this rank's parts of the
+loss), ``nonfinite`` (which of them went non-finite) and, on a failing step, ``where``
+(``vaepatch.runs.provenance``).
 """
 from __future__ import annotations
 
@@ -19,6 +24,8 @@ import operator
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from vaepatch.runs import provenance
 
 FILENAME = "events.jsonl"
 # Why an update was skipped: None (not skipped), non-finite loss, gradient-norm
@@ -47,6 +54,9 @@ SCHEMA = {
 }
 KEYS = tuple(SCHEMA)
 _FLOATS = ("loss", "grad_norm", "time")
+# A run whose last STALL_STEPS steps were all skipped (or had a non-finite loss, which NVAE applies
+# without --skip-nonfinite) is stalled: dead, as in openai/vdvae#25. README: "what stalled means".
+STALL_STEPS = 200
 
 
 def _finite_or_none(x) -> float | None:
@@ -66,14 +76,21 @@ def _check_reason(skipped: bool, reason) -> None:
         raise ValueError(f"reason must be None when skipped is false, got {reason!r}")
 
 
-def _no_constants(name):
-    raise ValueError(f"{name} is not JSON")
+def _strict(value):
+    """``value`` with every non-finite float (at any depth) replaced by None: strict JSON."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _strict(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_strict(v) for v in value]
+    return value
 
 
 def _record(text: str) -> tuple[dict | None, str | None]:
     """Parse one line into a validated record, or say what is wrong with it."""
     try:
-        obj = json.loads(text, parse_constant=_no_constants)
+        obj = json.loads(text)  # NaN / Infinity literals too: read like null below
     except ValueError as e:
         return None, f"truncated or not JSON ({e}) — {_KILLED}"
     if not isinstance(obj, dict):
@@ -88,9 +105,15 @@ def _record(text: str) -> tuple[dict | None, str | None]:
         _check_reason(obj["skipped"], obj["reason"])
     except ValueError as e:
         return None, str(e)
+    if not math.isfinite(obj["time"]):
+        return None, f"time must be finite, got {obj['time']!r}"
     for k in _FLOATS:
         if obj[k] is not None:
             obj[k] = float(obj[k])
+    if obj["loss"] is not None and not math.isfinite(obj["loss"]):  # a NaN/Infinity literal: a non-finite loss
+        obj["loss"], obj["finite"] = None, False
+    if obj["grad_norm"] is not None and not math.isfinite(obj["grad_norm"]):
+        obj["grad_norm"] = None
     return obj, None
 
 
@@ -131,8 +154,9 @@ class EventWriter:
         if ends_mid_line:  # a killed writer left half a line: start ours on a fresh one
             os.write(self._fd, b"\n")
 
-    def write(self, step, loss, grad_norm, skipped, reason, time, finite=None) -> bool:
-        """Append one event; False (nothing written) if this rank already logged the step."""
+    def write(self, step, loss, grad_norm, skipped, reason, time, finite=None, **extra) -> bool:
+        """Append one event; False (nothing written) if this rank already logged the step. ``extra``
+        keys (kl, recon, nonfinite, where...) follow the contract's, non-finite numbers as null."""
         if self._fd is None:
             raise ValueError(f"EventWriter for {self.path} is closed")
         skipped = bool(skipped)
@@ -147,6 +171,7 @@ class EventWriter:
         values = dict(step=step, rank=self.rank, loss=loss, finite=loss is not None if finite is None else bool(finite),
                       grad_norm=_finite_or_none(grad_norm), skipped=skipped, reason=reason, time=time)
         event = {key: values[key] for key in KEYS}
+        event.update((k, _strict(v)) for k, v in extra.items() if k not in event and v is not None)
         line = (json.dumps(event, allow_nan=False) + "\n").encode()
         written = os.write(self._fd, line)  # one call: the line lands whole, never interleaved
         if written != len(line):
@@ -207,19 +232,59 @@ class Counts:
     nonfinite_loss_steps: int = 0
     first_nan_step: int | None = None
     last_loss: float | None = None
+    skip_streak: int = 0  # steps at the end of the log, in a row, whose update was skipped or whose loss was non-finite
+    longest_skip_streak: int = 0
+    stalled_since: int | None = None  # first step of the final streak when it is >= stall_steps
+    nonfinite_origins: dict = field(default_factory=dict)  # "kl non-finite at block 3 (8x8): prior sigma underflow" -> steps
+    first_failure: str | None = None  # the first non-finite or skipped step, in one line
 
 
-def count(events) -> Counts:
+def _streaks(skipped_by_step: dict) -> tuple[int, int, int | None]:
+    """(trailing streak, longest streak, first step of the trailing streak) of skipped steps."""
+    longest = run = 0
+    start = None
+    for step in sorted(skipped_by_step):
+        if skipped_by_step[step]:
+            start = step if run == 0 else start
+            run += 1
+            longest = max(longest, run)
+        else:
+            run, start = 0, None
+    return run, longest, start
+
+
+def _failure_key(event: dict) -> str:
+    parts = "+".join(event.get("nonfinite") or []) or "loss"
+    where = event.get("where")
+    return f"{parts} non-finite at {provenance.origin(where)}" if where else f"{parts} non-finite (no where record)"
+
+
+def count(events, stall_steps: int = STALL_STEPS) -> Counts:
     """Tally events (a list of records, or an EventLog); counts come from these events only."""
     events = list(getattr(events, "events", events))
     if not events:
         return Counts()
     reasons: dict[int, set] = {}
+    by_step: dict[int, list] = {}
     for e in events:
         reasons.setdefault(e["step"], set()).add(e["reason"])
+        by_step.setdefault(e["step"], []).append(e)
     nan = {s for s, r in reasons.items() if "nan" in r}
     last = max(reasons)
     last_losses = [e["loss"] for e in events if e["step"] == last and e["finite"] and e["loss"] is not None]
+    trailing, longest, start = _streaks({s: any(e["skipped"] or not e["finite"] for e in es) for s, es in by_step.items()})
+    origins: dict[str, int] = {}
+    first_failure = None
+    for step in sorted(by_step):
+        ranks = by_step[step]
+        bad = [e for e in ranks if not e["finite"]]
+        if bad:
+            witness = next((e for e in bad if e.get("where")), bad[0])
+            key = _failure_key(witness)
+            origins[key] = origins.get(key, 0) + 1
+        if first_failure is None and (bad or any(e["skipped"] for e in ranks)):
+            witness = next((e for e in bad + ranks if e.get("where")), (bad + ranks)[0])
+            first_failure = provenance.describe(witness)
     return Counts(
         steps=len(reasons),
         ranks=len({e["rank"] for e in events}),
@@ -230,4 +295,7 @@ def count(events) -> Counts:
         nonfinite_loss_steps=len({e["step"] for e in events if not e["finite"]}),
         first_nan_step=min(nan) if nan else None,
         last_loss=sum(last_losses) / len(last_losses) if last_losses else None,
+        skip_streak=trailing, longest_skip_streak=longest,
+        stalled_since=start if trailing >= stall_steps else None,
+        nonfinite_origins=origins, first_failure=first_failure,
     )

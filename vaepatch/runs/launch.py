@@ -9,11 +9,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from vaepatch import upstream
+from vaepatch.runs import events
 from vaepatch.runs.manifest import LaunchError
 from vaepatch.variant import Variant
 
 __all__ = ["resolve_variant", "check_max_steps", "find_clone", "require_device", "shim_record",
-           "destroy_process_group"]
+           "destroy_process_group", "stalled_since"]
 
 
 def resolve_variant(spec) -> Variant:
@@ -59,3 +60,11 @@ def destroy_process_group() -> None:
             dist.destroy_process_group()
     except Exception:  # noqa: BLE001 - tearing down after a crash must not hide the crash
         pass
+
+
+def stalled_since(out: Path, stall_steps: int):
+    """From the events on disk: the first step of the final no-update streak if the run is stalled, else None."""
+    try:
+        return events.count(events.read(out), stall_steps).stalled_since
+    except FileNotFoundError:
+        return None

@@ -21,24 +21,24 @@ is on.
 """
 from __future__ import annotations
 
-import math
 import os
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from vaepatch import upstream
+from vaepatch import cifar_format, upstream
 from vaepatch.api import apply
 from vaepatch.patching import Patch, PatchSet
 from vaepatch.runs import events
 from vaepatch.runs import manifest as run_manifest
 from vaepatch.runs.launch import (check_max_steps, destroy_process_group, find_clone, require_device,
-                                  resolve_variant, shim_record)
+                                  resolve_variant, shim_record, stalled_since)
 from vaepatch.runs.manifest import LaunchError
-from vaepatch.runs.recorder import StepRecorder as BaseStepRecorder
-from vaepatch.runs.recorder import StopAtMaxSteps
+from vaepatch.runs.events import STALL_STEPS
+from vaepatch.runs.recorder import StopRun
 from vaepatch.runs.script import load_script
+from vaepatch.targets.nvae.patch import UPSTREAM_SCALE
+from vaepatch.targets.nvae.recorder import StepRecorder, recording_scaler
 from vaepatch.targets.nvae.shims import install as install_shims
 from vaepatch.variant import Variant
 
@@ -63,114 +63,9 @@ class Setup:
     max_steps: int | None
     skip_nonfinite: bool
     master_port: int | None
-
-
-def _grad_norm(optimizer):
-    """Global gradient norm as a 0-d tensor on the gradients' device (no host sync), or None."""
-    import torch
-
-    grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-    if not grads:
-        return None
-    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
-
-
-class StepRecorder(BaseStepRecorder):
-    """One process's step events: :meth:`train` wraps NVAE's ``train``, :func:`recording_scaler`
-    its ``GradScaler``; :meth:`open` names the file and the rank once the rank is known."""
-
-    def __init__(self, writer=None, max_steps: int | None = None, skip_nonfinite: bool = False):
-        super().__init__(writer, max_steps)
-        self.skip_nonfinite = skip_nonfinite
-        self.step = 0
-        self._reset()
-
-    def _reset(self):
-        self.loss, self.grad_norm, self.guard_skipped, self.started = None, None, False, None
-
-    def train(self, original):
-        """Wrap NVAE's ``train(train_queue, model, optimizer, grad_scalar, global_step, ...)``."""
-        def train(train_queue, model, cnn_optimizer, grad_scalar, global_step, *args, **kwargs):
-            self.step = int(global_step)
-            return original(_Batches(train_queue, self), model, cnn_optimizer, grad_scalar, global_step,
-                            *args, **kwargs)
-        return train
-
-    def before_batch(self) -> None:
-        self.check_max_steps(self.step)
-
-    def batch_ready(self) -> None:
-        self._reset()
-        self.started = time.perf_counter()
-
-    def end_step(self, amp_skipped) -> None:
-        """Write the step's event. ``loss``, ``grad_norm`` and ``amp_skipped`` may be device tensors:
-        they are read back together, one host sync per step."""
-        if self.loss is None:  # GradScaler.update outside a recorded step (not in NVAE's loop)
-            return
-        import torch
-
-        values = [self.loss, self.grad_norm if self.grad_norm is not None else math.nan, amp_skipped]
-        loss, grad_norm, amp_skipped = torch.stack(
-            [torch.as_tensor(v, device=self.loss.device).float().reshape(()) for v in values]).tolist()
-        finite = math.isfinite(loss)
-        skipped = self.guard_skipped or bool(amp_skipped)
-        reason = None if not skipped else ("nan" if not finite else "amp")
-        elapsed = time.perf_counter() - (self.started if self.started is not None else time.perf_counter())
-        self.write(self.step, loss, None if self.grad_norm is None else grad_norm, skipped, reason, elapsed)
-        self.step += 1
-        self._reset()
-
-
-class _Batches:
-    """NVAE's data queue, marking where each step starts and stopping at --max-steps."""
-
-    def __init__(self, loader, recorder: StepRecorder):
-        self.loader, self.recorder = loader, recorder
-
-    def __len__(self):
-        return len(self.loader)
-
-    def __iter__(self):
-        batches = iter(self.loader)
-        while True:
-            self.recorder.before_batch()
-            try:
-                batch = next(batches)
-            except StopIteration:
-                return
-            self.recorder.batch_ready()
-            yield batch
-
-
-def recording_scaler(base: type, recorder: StepRecorder) -> type:
-    """A subclass of NVAE's ``GradScaler`` class that reports each step to ``recorder``."""
-    import torch
-
-    class RecordingGradScaler(base):
-        def scale(self, outputs):
-            recorder.loss = outputs.detach()  # this process's own loss, before any averaging
-            return super().scale(outputs)
-
-        def step(self, optimizer, *args, **kwargs):
-            if self.is_enabled():
-                self.unscale_(optimizer)  # records found-inf; step() then does not unscale again
-            recorder.grad_norm = _grad_norm(optimizer)
-            if recorder.skip_nonfinite and recorder.loss is not None and not bool(torch.isfinite(recorder.loss)):
-                recorder.guard_skipped = True
-                return None
-            return super().step(optimizer, *args, **kwargs)
-
-        def update(self, new_scale=None):
-            watch = self.is_enabled() and new_scale is None
-            # the scale tensor, compared on its device (get_scale() would sync to the host twice)
-            before = self._scale.clone() if watch else None
-            super().update(new_scale)
-            # AMP backs the scale off exactly when it found inf/NaN gradients and skipped the step
-            recorder.end_step(amp_skipped=self._scale < before if watch else False)
-
-    RecordingGradScaler.__qualname__ = RecordingGradScaler.__name__ = f"Recording{base.__name__}"
-    return RecordingGradScaler
+    stall_steps: int = STALL_STEPS
+    stop_when_stalled: bool = False
+    provenance: bool = True
 
 
 def _master_port_patch(port: int) -> Patch:
@@ -193,14 +88,20 @@ class _Process:
         self.setup = setup
         location = Path(setup.upstream)
         upstream.add_to_path(location)
-        self.recorder = StepRecorder(max_steps=setup.max_steps, skip_nonfinite=setup.skip_nonfinite)
+        sides = (setup.variant.posterior or UPSTREAM_SCALE, setup.variant.prior or UPSTREAM_SCALE)
+        self.recorder = StepRecorder(max_steps=setup.max_steps, skip_nonfinite=setup.skip_nonfinite, scales=sides,
+                                     provenance=setup.provenance, stall_steps=setup.stall_steps,
+                                     stop_when_stalled=setup.stop_when_stalled, on_stall=self._on_stall)
+        self.rank = None
         self.shims = install_shims(setup.cpu)
         self.handle = self.hooks = None
         try:
             self.handle = apply(setup.variant, target="nvae", upstream=location, strict=setup.strict)
             self.train, self.guard = load_script(location / "train.py")
+            utils = self.train.utils
             patches = [Patch(self.train, "train", self.recorder.train(self.train.train)),
-                       Patch(self.train, "GradScaler", recording_scaler(self.train.GradScaler, self.recorder))]
+                       Patch(self.train, "GradScaler", recording_scaler(self.train.GradScaler, self.recorder)),
+                       Patch(utils, "reconstruction_loss", self.recorder.reconstruction_loss(utils.reconstruction_loss))]
             if setup.master_port is not None:
                 patches.append(_master_port_patch(setup.master_port))
             self.hooks = PatchSet(patches, label="vaepatch NVAE step recorder").apply()
@@ -208,8 +109,17 @@ class _Process:
             self.undo()
             raise
 
+    def _on_stall(self, since) -> None:
+        """Rank 0 marks run.json as soon as the run stalls (the launcher recomputes it at the end)."""
+        path = Path(self.setup.out) / run_manifest.FILENAME
+        if self.rank == 0 and path.exists():
+            manifest = run_manifest.read(path)
+            manifest["stalled_since"] = since
+            run_manifest.write(path, manifest)
+
     def run(self, rank: int, size: int, args, init_processes) -> None:
         """NVAE's ``init_processes(rank, size, main, args)`` with this process's events open."""
+        self.rank = rank
         self.recorder.open(Path(self.setup.out) / events.FILENAME, rank)
         try:
             init_processes(rank, size, self.train.main, args)
@@ -233,7 +143,7 @@ def _process_main(setup: Setup, rank: int, size: int, args) -> None:
     process.train.args = args
     try:
         process.run(rank, size, args, process.train.init_processes)
-    except StopAtMaxSteps:
+    except StopRun:
         sys.exit(_STOPPED)
     finally:
         process.undo()
@@ -245,6 +155,12 @@ def _check_args(args, out: Path) -> None:
     if args.cont_training and not checkpoint.is_file():
         raise LaunchError(f"--cont_training, but there is no checkpoint at {checkpoint} (NVAE's --root/eval---save). "
                           "Pass the --root and --save of the run to continue, or drop --cont_training.")
+    if args.dataset == "cifar10":
+        missing = cifar_format.missing(args.data)
+        if missing:
+            raise LaunchError(f"no CIFAR-10 under --data {args.data}: missing {', '.join(missing)}. Unpack "
+                              f"{cifar_format.CIFAR_SOURCE} into {args.data} (NVAE never downloads here), or for a "
+                              f"smoke run write a stand-in: vaepatch make-data {args.data} --for nvae")
     logged = events.read(out).events if (out / events.FILENAME).exists() else []
     if logged and not args.cont_training:
         raise LaunchError(f"{out / events.FILENAME} already has steps up to {max(e['step'] for e in logged)} from an "
@@ -254,8 +170,10 @@ def _check_args(args, out: Path) -> None:
 
 def run_nvae(variant: str, out: str | os.PathLike, train_args: list[str], *, upstream_path=None,
              cpu: bool = False, max_steps: int | None = None, strict: bool = True,
-             skip_nonfinite: bool = False, master_port: int | None = None) -> dict:
-    """Run NVlabs/NVAE's train.py with ``variant``; returns the final run.json contents."""
+             skip_nonfinite: bool = False, master_port: int | None = None, stall_steps: int = STALL_STEPS,
+             stop_when_stalled: bool = False, provenance: bool = True) -> dict:
+    """Run NVlabs/NVAE's train.py with ``variant``; returns the final run.json contents (``stalled_since``:
+    see ``vaepatch.runs.recorder``)."""
     resolved = resolve_variant(variant)
     check_max_steps(max_steps)
     location = find_clone("nvae", upstream_path, strict, "NVlabs/NVAE")
@@ -263,7 +181,8 @@ def run_nvae(variant: str, out: str | os.PathLike, train_args: list[str], *, ups
     out = Path(out).resolve()
     manifest_path = out / "run.json"
     previous = run_manifest.previous(out, resolved.spec)
-    setup = Setup(resolved, str(out), str(location), cpu, strict, max_steps, skip_nonfinite, master_port)
+    setup = Setup(resolved, str(out), str(location), cpu, strict, max_steps, skip_nonfinite, master_port,
+                  stall_steps, stop_when_stalled, provenance)
     manifest = previous or run_manifest.new("nvae", variant, resolved.spec, upstream_commit=upstream.pin("nvae").commit,
                                             seed=None, argv=train_args, loss_unit=LOSS_UNIT)
     session = {"started": run_manifest.now(), "argv": list(train_args)}
@@ -279,7 +198,8 @@ def run_nvae(variant: str, out: str | os.PathLike, train_args: list[str], *, ups
             seed=args.seed, world_size=args.num_proc_node * args.num_process_per_node,
             dims_per_image=int(process.train.utils.num_output(args.dataset)),
             device="cpu" if cpu else "cuda", compat=shim_record(process.shims),
-            max_steps=max_steps, skip_nonfinite=skip_nonfinite,
+            max_steps=max_steps, skip_nonfinite=skip_nonfinite, stall_steps=stall_steps,
+            stop_when_stalled=stop_when_stalled,
             master_port=master_port if master_port is not None else UPSTREAM_MASTER_PORT,
             upstream_path=str(location), upstream_logdir=str(Path(args.save).resolve()), status="running", ended=None)
         manifest.setdefault("sessions", []).append(session)
@@ -311,9 +231,10 @@ def run_nvae(variant: str, out: str | os.PathLike, train_args: list[str], *, ups
             sys.argv = [str(location / "train.py"), *train_args]
             try:
                 exec(process.guard, process.train.__dict__)
-                status = _children_status(state["processes"], max_steps)
-            except StopAtMaxSteps:
-                status = f"stopped at --max-steps {max_steps}"
+                status = _children_status(state["processes"], max_steps, stalled_since(out, stall_steps),
+                                          stop_when_stalled)
+            except StopRun as stop:
+                status = stop.status
     except BaseException as e:
         status = f"crashed: {type(e).__name__}: {e}"
         raise
@@ -325,13 +246,13 @@ def run_nvae(variant: str, out: str | os.PathLike, train_args: list[str], *, ups
             session["exit_codes"] = {str(rank): child.exitcode for rank, child in state["processes"]}
         else:
             session["steps_logged"] = process.recorder.logged
-        manifest.update(status=status, ended=session["ended"])
+        manifest.update(status=status, ended=session["ended"], stalled_since=stalled_since(out, stall_steps))
         if state["writes_manifest"]:
             run_manifest.write(manifest_path, manifest)
     return manifest
 
 
-def _children_status(children, max_steps) -> str:
+def _children_status(children, max_steps, stalled_since=None, stop_when_stalled=False) -> str:
     """The run's status from the exit codes of the processes NVAE started (none: ran in place)."""
     codes = {rank: child.exitcode for rank, child in children}
     failed = {rank: code for rank, code in codes.items() if code not in (0, _STOPPED)}
@@ -339,6 +260,8 @@ def _children_status(children, max_steps) -> str:
         raise RuntimeError("NVAE process(es) failed: " + ", ".join(f"rank {r} exit code {c}" for r, c in failed.items())
                            + " (their tracebacks are above)")
     if any(code == _STOPPED for code in codes.values()):
+        if stop_when_stalled and stalled_since is not None:
+            return f"stopped: stalled since step {stalled_since}"
         return f"stopped at --max-steps {max_steps}"
     return "completed"
 
@@ -352,6 +275,7 @@ def add_arguments(parser) -> None:
 
 def run_from_args(args, train_args: list) -> dict:
     """``vaepatch run nvae`` with the parsed command line."""
+    stop = getattr(args, "stop_when_stalled", None)
     return run_nvae(args.variant, args.out, train_args, upstream_path=args.upstream, cpu=args.cpu,
                     max_steps=args.max_steps, strict=not args.no_strict, skip_nonfinite=args.skip_nonfinite,
-                    master_port=args.master_port)
+                    master_port=args.master_port, stall_steps=stop or STALL_STEPS, stop_when_stalled=stop is not None)

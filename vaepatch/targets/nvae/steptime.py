@@ -35,11 +35,13 @@ from vaepatch.targets.nvae.tiny import ADAMAX, ARCH, BATCH, TINY_ARGS, batch, nv
 STEPS, WARMUP = 50, 5
 QUICK_STEPS, QUICK_WARMUP = 2, 1
 
-def measure(variant="upbounded1", steps=STEPS, warmup=WARMUP, threads=None, seed=0, **overrides):
+def measure(variant="upbounded1", steps=STEPS, warmup=WARMUP, threads=None, seed=0, observers=False, **overrides):
     """Median step seconds for vanilla and ``variant``, interleaved, and their ratio.
 
     Also ``losses``: each model's loss at every round (warm-up included). Round i of both models
     starts from the same weights (round 0) and the same batch, and draws the same noise.
+    ``observers=True``: the "patched" model instead carries the launcher's provenance hooks
+    (``provenance.watch``; use with variant "vanilla" to time the hooks alone).
     """
     import vaepatch
 
@@ -55,6 +57,12 @@ def measure(variant="upbounded1", steps=STEPS, warmup=WARMUP, threads=None, seed
         model = tiny_nvae(seed, **overrides)
         twin = tiny_nvae(seed, **overrides)  # same seed + load_state_dict, not deepcopy
         twin.load_state_dict(model.state_dict())
+        if observers:
+            from vaepatch.targets.nvae.patch import UPSTREAM_SCALE
+            from vaepatch.targets.nvae.provenance import watch
+
+            group_watch, _ = watch(twin, UPSTREAM_SCALE, UPSTREAM_SCALE,
+                                   on_kl=lambda kl_all: sum(kl.detach().float().mean() for kl in kl_all))
         models = {"vanilla": model, "patched": twin}
         x = batch(BATCH, seed)
         losses = {name: [] for name in models}
@@ -66,6 +74,8 @@ def measure(variant="upbounded1", steps=STEPS, warmup=WARMUP, threads=None, seed
 
             def step(i):
                 torch.manual_seed(seed * 1_000_003 + i)  # round i: the same noise for both models
+                if observers and m is twin:
+                    group_watch.reset()
                 dt, loss = train_step(m, optimizer, x, alpha_i, i)
                 losses[name].append(loss)
                 return dt
@@ -91,6 +101,8 @@ def main(argv=None) -> int:
     parser.add_argument("--num-mixture-dec", type=int, default=TINY_ARGS["num_mixture_dec"],
                         help="NVAE's --num_mixture_dec: 10 (its default) = discretized logistic mixture, "
                              "left alone by the patch; 1 = Normal pixel decoder, patched")
+    parser.add_argument("--observers", action="store_true",
+                        help="instead: vanilla with the launcher's provenance hooks over vanilla without")
     parser.add_argument("--quick", action="store_true", help=f"{QUICK_STEPS} steps after {QUICK_WARMUP} warm-up (a smoke test)")
     args = parser.parse_args(argv)
     steps = args.steps if args.steps is not None else (QUICK_STEPS if args.quick else STEPS)
@@ -106,7 +118,10 @@ def main(argv=None) -> int:
         print(f"{prog}: {err}", file=sys.stderr)
         return 2
     try:
-        rows = [measure(name, steps, warmup, args.threads, num_mixture_dec=args.num_mixture_dec) for name in names]
+        if args.observers:
+            names = ["vanilla"]
+        rows = [measure(name, steps, warmup, args.threads, observers=args.observers,
+                        num_mixture_dec=args.num_mixture_dec) for name in names]
     except UpstreamError as err:  # no clone, or not the pinned one: says what to run
         print(f"{prog}: {err}", file=sys.stderr)
         return 2

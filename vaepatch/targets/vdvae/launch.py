@@ -12,22 +12,22 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
-import math
 import os
 import sys
-import time
 from pathlib import Path
 
-from vaepatch import upstream
+from vaepatch import cifar_format, upstream
 from vaepatch.api import apply
 from vaepatch.patching import Patch, PatchSet
 from vaepatch.runs import manifest as run_manifest
 from vaepatch.runs.launch import (check_max_steps, destroy_process_group, find_clone, require_device,
-                                  resolve_variant, shim_record)
+                                  resolve_variant, shim_record, stalled_since)
 from vaepatch.runs.manifest import LaunchError
-from vaepatch.runs.recorder import StepRecorder as BaseStepRecorder
-from vaepatch.runs.recorder import StopAtMaxSteps
+from vaepatch.runs.events import STALL_STEPS
+from vaepatch.runs.recorder import StopAtMaxSteps, StopRun
 from vaepatch.runs.script import load_script
+from vaepatch.targets.vdvae.patch import UPSTREAM_SCALE
+from vaepatch.targets.vdvae.recorder import StepRecorder
 from vaepatch.targets.vdvae.shims import install as install_shims
 
 __all__ = ["LaunchError", "StopAtMaxSteps", "check_vdvae_args", "run_vdvae", "StepRecorder", "load_script", "add_arguments",
@@ -68,56 +68,15 @@ def _require_mpi4py() -> None:
                           "run: pip install 'vaepatch[mpi]'   (on a cluster: mpi4py built against its MPI)")
 
 
-class StepRecorder(BaseStepRecorder):
-    """Wraps upstream's ``training_step`` to write one event per call, with the truth about the step.
-
-    ``reason`` follows VDVAE's own rule (a NaN mean loss on any rank, or a grad norm at or above
-    ``skip_threshold`` / NaN), except that any non-finite loss counts as ``"nan"``: upstream checks
-    only ``isnan``, so an inf loss is skipped only through its grad norm.
-    """
-
-    def __init__(self, writer=None, max_steps: int | None = None):
-        super().__init__(writer, max_steps)
-        self._in_step = False
-        self._local_loss = None
-
-    def stats_over_ranks(self, original):
-        """Wrap ``get_cpu_stats_over_ranks`` to keep this rank's own loss before ranks are averaged."""
-        def get_cpu_stats_over_ranks(stat_dict):
-            if self._in_step and "elbo" in stat_dict:
-                loss = stat_dict["elbo"]
-                self._local_loss = float(loss.detach() if hasattr(loss, "detach") else loss)
-            return original(stat_dict)
-        return get_cpu_stats_over_ranks
-
-    def training_step(self, original):
-        def training_step(H, data_input, target, vae, ema_vae, optimizer, iterate):
-            self.check_max_steps(iterate)
-            self._in_step, self._local_loss = True, None
-            start = time.perf_counter()
-            try:
-                stats = original(H, data_input, target, vae, ema_vae, optimizer, iterate)
-            finally:
-                self._in_step = False
-            elapsed = time.perf_counter() - start
-            self.record(iterate, stats, elapsed)
-            return stats
-        return training_step
-
-    def record(self, step, stats, elapsed) -> None:
-        mean_loss = float(stats["elbo"])
-        any_rank_nonfinite = (not math.isfinite(mean_loss) or stats.get("distortion_nans", 0) > 0
-                              or stats.get("rate_nans", 0) > 0)
-        skipped = bool(stats["skipped_updates"])
-        reason = None if not skipped else ("nan" if any_rank_nonfinite else "grad")
-        loss = self._local_loss if self._local_loss is not None else mean_loss
-        self.write(step, loss, float(stats["grad_norm"]), skipped, reason, elapsed)
-
-
 def run_vdvae(variant: str, out: str | os.PathLike, train_args: list[str], *, upstream_path=None,
               cpu: bool = False, max_steps: int | None = None, fuse: bool | None = None,
-              strict: bool = True) -> dict:
-    """Run openai/vdvae's train.py with ``variant``; returns the final run.json contents."""
+              strict: bool = True, stall_steps: int = STALL_STEPS, stop_when_stalled: bool = False,
+              provenance: bool = True) -> dict:
+    """Run openai/vdvae's train.py with ``variant``; returns the final run.json contents.
+
+    A run is stalled after ``stall_steps`` steps in a row without an update: run.json says since when
+    (``stalled_since``), and with ``stop_when_stalled`` the run stops there.
+    """
     resolved = resolve_variant(variant)  # unknown variant: clear error before anything starts
     check_max_steps(max_steps)
     location = find_clone("vdvae", upstream_path, strict, "openai/vdvae")
@@ -125,6 +84,7 @@ def run_vdvae(variant: str, out: str | os.PathLike, train_args: list[str], *, up
     require_device(cpu)
     upstream.add_to_path(location)
     H = check_vdvae_args(train_args)
+    check_data(H)
 
     from mpi4py import MPI
 
@@ -135,7 +95,14 @@ def run_vdvae(variant: str, out: str | os.PathLike, train_args: list[str], *, up
     previous = run_manifest.previous(out, resolved.spec)
     comm.Barrier()  # every rank has checked the old manifest before rank 0 rewrites it
 
-    recorder = StepRecorder(max_steps=max_steps)
+    def on_stall(since):
+        if rank == 0:
+            manifest["stalled_since"] = since
+            run_manifest.write(manifest_path, manifest)
+
+    sides = (resolved.posterior or UPSTREAM_SCALE, resolved.prior or UPSTREAM_SCALE)
+    recorder = StepRecorder(max_steps=max_steps, scales=sides, provenance=provenance, stall_steps=stall_steps,
+                            stop_when_stalled=stop_when_stalled, on_stall=on_stall)
     writer = recorder.open(out / "events.jsonl", rank)
     manifest = previous or run_manifest.new("vdvae", variant, resolved.spec, upstream_commit=upstream.pin("vdvae").commit,
                                             seed=H.seed, argv=train_args, loss_unit=LOSS_UNIT)
@@ -150,7 +117,7 @@ def run_vdvae(variant: str, out: str | os.PathLike, train_args: list[str], *, up
     session = {"started": run_manifest.now(), "argv": list(train_args), "resumed_after_step": writer.resumed_from}
     manifest.update(
         world_size=world, device="cpu" if cpu else "cuda", fuse=bool(fuse) if fuse is not None else None,
-        compat=shim_record(shims), max_steps=max_steps,
+        compat=shim_record(shims), max_steps=max_steps, stall_steps=stall_steps, stop_when_stalled=stop_when_stalled,
         upstream_path=str(location), upstream_logdir=str(Path(H.save_dir or ".", H.desc or "test").resolve()),
         status="running", ended=None)
     manifest.setdefault("sessions", []).append(session)
@@ -174,8 +141,8 @@ def run_vdvae(variant: str, out: str | os.PathLike, train_args: list[str], *, up
         try:
             train.main()
             status = "completed"
-        except StopAtMaxSteps:
-            status = f"stopped at --max-steps {max_steps}"
+        except StopRun as stop:
+            status = stop.status
         finally:
             hooks.revert()
     except BaseException as e:
@@ -187,7 +154,7 @@ def run_vdvae(variant: str, out: str | os.PathLike, train_args: list[str], *, up
             sys.modules["__main__"] = saved_main
         recorder.close()
         session.update(status=status, ended=run_manifest.now(), steps_logged=recorder.logged)
-        manifest.update(status=status, ended=session["ended"])
+        manifest.update(status=status, ended=session["ended"], stalled_since=stalled_since(out, stall_steps))
         if rank == 0:
             run_manifest.write(manifest_path, manifest)
         destroy_process_group()
@@ -197,6 +164,30 @@ def run_vdvae(variant: str, out: str | os.PathLike, train_args: list[str], *, up
     return manifest
 
 
+DATASET_FILES = {  # what VDVAE's data.py opens under --data_root, per --dataset (cifar10: cifar_format.missing)
+    "imagenet32": ["imagenet32-train.npy", "imagenet32-valid.npy"],
+    "imagenet64": ["imagenet64-train.npy", "imagenet64-valid.npy"],
+    "ffhq_256": ["ffhq-256.npy"],
+    "ffhq_1024": ["ffhq1024/train", "ffhq1024/valid"],
+}
+DATASET_SOURCES = {"cifar10": f"{cifar_format.CIFAR_SOURCE} (VDVAE's setup_cifar10.sh fetches the same), or "
+                              "for a smoke run `vaepatch make-data DIR`",
+                   "imagenet32": "VDVAE's setup_imagenet.sh imagenet32", "imagenet64": "VDVAE's setup_imagenet.sh imagenet64",
+                   "ffhq_256": "VDVAE's setup_ffhq256.sh", "ffhq_1024": "VDVAE's setup_ffhq1024.sh"}
+
+
+def check_data(H) -> None:
+    """Every file VDVAE will open for ``--dataset`` under ``--data_root``, before upstream starts."""
+    root = Path(H.data_root or ".")
+    if H.dataset == "cifar10":
+        missing = cifar_format.missing(root)
+    else:
+        missing = [f for f in DATASET_FILES.get(H.dataset, []) if not (root / f).exists()]
+    if missing:
+        raise LaunchError(f"no {H.dataset} data under --data_root {root}: missing {', '.join(missing)}. "
+                          f"Get it from {DATASET_SOURCES[H.dataset]} (--data_root is the folder that holds them).")
+
+
 def add_arguments(parser) -> None:
     """``vaepatch run vdvae``'s own options."""
     parser.add_argument("--fuse", action="store_true", default=None, help="torch.compile the patched block math")
@@ -204,5 +195,7 @@ def add_arguments(parser) -> None:
 
 def run_from_args(args, train_args: list) -> dict:
     """``vaepatch run vdvae`` with the parsed command line."""
+    stop = getattr(args, "stop_when_stalled", None)
     return run_vdvae(args.variant, args.out, train_args, upstream_path=args.upstream, cpu=args.cpu,
-                     max_steps=args.max_steps, fuse=args.fuse, strict=not args.no_strict)
+                     max_steps=args.max_steps, fuse=args.fuse, strict=not args.no_strict,
+                     stall_steps=stop or STALL_STEPS, stop_when_stalled=stop is not None)

@@ -49,6 +49,44 @@ def measure(variant="upbounded1", steps=30, warmup=5, threads=None, seed=0, fuse
     return timing.row(variant, med, steps, fuse=fuse)
 
 
+def measure_observers(steps=30, warmup=5, threads=None, seed=0):
+    """Step time with the launcher's provenance hooks (``provenance.watch``) over without, vanilla
+    VDVAE, interleaved on the same weights and batch; the observed step also reads back the loss parts
+    as the recorder does. Returns a ``timing.row`` whose "patched" is the observed model."""
+    import vaepatch
+    from vaepatch import scales
+    from vaepatch.targets.vdvae.provenance import watch
+
+    if threads:
+        torch.set_num_threads(threads)
+    vaepatch.revert("vdvae")
+    vaepatch.apply("vanilla", target="vdvae")  # imports the verified clone, patches nothing
+    H, model = tiny_vae(seed)
+    _, twin = tiny_vae(seed)
+    twin.load_state_dict(model.state_dict())
+    x, _ = batch(H.n_batch, seed)
+    group_watch, handles = watch(twin, scales.get("exp"), scales.get("exp"))
+    optimizers = [torch.optim.SGD(m.parameters(), lr=1e-6) for m in (model, twin)]
+
+    def observed(i):
+        group_watch.reset()
+        optimizers[1].zero_grad(set_to_none=True)
+        t0 = time.perf_counter()
+        stats = twin(x, x)
+        stats["elbo"].backward()
+        optimizers[1].step()
+        torch.stack([stats["elbo"].detach(), stats["rate"].detach(), stats["distortion"].detach()]).tolist()
+        return time.perf_counter() - t0
+
+    try:
+        med = timing.interleaved({"vanilla": lambda i: _step(model, optimizers[0], x), "patched": observed},
+                                 steps, warmup, desc="plain vs provenance hooks")
+    finally:
+        for handle in handles:
+            handle.remove()
+    return timing.row("observers", med, steps)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="vaepatch bench vdvae-step-time", description=__doc__.split("\n\n")[0])
     parser.add_argument("--variants", default="upbounded1,explin,upbounded1-cst1", help="comma-separated variants to time against vanilla")
@@ -57,7 +95,13 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--fuse", choices=["off", "on", "both"], default="both",
                         help="time the eager patch, the torch.compile-fused one, or both (default)")
+    parser.add_argument("--observers", action="store_true",
+                        help="instead: vanilla with the launcher's provenance hooks over vanilla without")
     args = parser.parse_args(argv)
+    if args.observers:
+        row = measure_observers(args.steps, args.warmup, args.threads)
+        print(timing.table([row], args.steps, args.warmup).replace("vanilla ms", "  plain ms").replace("patched ms", "hooked ms"))
+        return 0
     modes = {"off": [False], "on": [True], "both": [False, True]}[args.fuse]
     rows = [measure(v.strip(), args.steps, args.warmup, args.threads, fuse=f)
             for v in args.variants.split(",") if v.strip() for f in modes]
