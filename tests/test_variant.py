@@ -21,6 +21,9 @@ BUILTINS = {
     "vanilla-cst1": (None, "constant(1)"),
     "upbounded1-cst1": ("upbounded(1)", "constant(1)"),
     "explin-cst1": ("explin", "constant(1)"),
+    # beyond the paper
+    "softplus-ln2": ("softplus(log(2))", "softplus(log(2))"),
+    "upbounded1-floor": ("upbounded(1)", "bounded(0.01, 1)"),
 }
 
 ACCEPTED_VARIANT_NAMES = sorted(BUILTINS)

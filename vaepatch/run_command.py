@@ -33,6 +33,8 @@ def parser():
     p.add_argument("--stop-when-stalled", nargs="?", type=int, const=STALL_STEPS, metavar="N",
                    help=f"stop cleanly once N steps in a row (default {STALL_STEPS}) had no update (skipped or "
                         "non-finite): the run is dead. Without it a stall is still detected and marked in run.json")
+    p.add_argument("--stop-at-nonfinite", action="store_true",
+                   help="stop cleanly after the first step whose loss was non-finite (for sweeps: a failed run costs little)")
     p.add_argument("--no-strict", action="store_true", help="patch a clone that differs from the pin (warns)")
     own = {}
     for name in targets.NAMES:

@@ -31,7 +31,8 @@ PAPER = {
     ("float16", "pytorch"): (-8, 3.35e-04),
 }
 
-PARAMETERIZATIONS = ["naive_exp", "exp", "explin", "upbounded(1)", "downbounded", "bounded", "constant(1)", "softplus(1)", "softclamp"]
+PARAMETERIZATIONS = ["naive_exp", "exp", "explin", "upbounded(1)", "downbounded", "bounded", "constant(1)", "softplus(1)",
+                     "softclamp", "softplus(log(2))", "bounded(0.01, 1)"]  # the last two: softplus-ln2, upbounded1-floor
 # downbounded and bounded use the paper's pixel bounds on 0..1: alpha = 1/(256 sqrt 12), omega = 1.
 
 

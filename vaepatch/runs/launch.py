@@ -14,7 +14,7 @@ from vaepatch.runs.manifest import LaunchError
 from vaepatch.variant import Variant
 
 __all__ = ["resolve_variant", "check_max_steps", "find_clone", "require_device", "shim_record",
-           "destroy_process_group", "stalled_since"]
+           "destroy_process_group", "stalled_since", "free_port"]
 
 
 def resolve_variant(spec) -> Variant:
@@ -68,3 +68,12 @@ def stalled_since(out: Path, stall_steps: int):
         return events.count(events.read(out), stall_steps).stalled_since
     except FileNotFoundError:
         return None
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on now: each run's process group needs its own."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -56,6 +56,29 @@ class GroupWatch:
         kl = kl.detach()
         self._kl[group] = (kl.float().sum(), torch.isfinite(kl).all())
 
+    def ranges(self):
+        """Each side's raw-scale range over all groups, as 4 device values (posterior min, max, prior
+        min, max; NaN where a side was not seen), for the caller to read back with its own numbers."""
+        out = []
+        for side in SIDES:
+            lows = [low for (g, s), (low, high) in self._raw.items() if s == side]
+            highs = [high for (g, s), (low, high) in self._raw.items() if s == side]
+            if lows:
+                out += [torch.stack(lows).min(), torch.stack(highs).max()]
+            else:
+                out += [torch.tensor(math.nan), torch.tensor(math.nan)]
+        return out
+
+    def log_sigma_ranges(self, values) -> dict:
+        """``{"posterior": {"raw": [lo, hi], "log_sigma": [lo, hi]}, "prior": ...}`` from the four values
+        :meth:`ranges` gave, read back: the scale range the step used, for every event."""
+        out = {}
+        for i, side in enumerate(SIDES):
+            low, high = values[2 * i], values[2 * i + 1]
+            if not (math.isnan(low) and math.isnan(high)):
+                out[side] = self._side(side, low, high)
+        return out
+
     def where(self) -> dict | None:
         """The provenance record of this step (one host sync), or None if nothing was recorded."""
         if not self._kl:

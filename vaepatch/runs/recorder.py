@@ -5,7 +5,9 @@ training step (VDVAE's ``training_step``, NVAE's data queue and grad scaler) and
 :meth:`StepRecorder.write` once per step. The base keeps the count of steps in a row that made no
 progress (update skipped, or loss non-finite); once it reaches ``stall_steps`` the run is stalled:
 one line says so, ``on_stall(since)`` lets the launcher mark ``run.json``, and with
-``stop_when_stalled`` the run stops cleanly (:class:`StopStalled`).
+``stop_when_stalled`` the run stops cleanly (:class:`StopStalled`). With ``stop_at_nonfinite`` it
+stops after the first step whose loss was non-finite (:class:`StopNonfinite`): a bench sweeping
+learning rates need not pay for steps after a failure.
 """
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ import sys
 
 from vaepatch.runs.events import STALL_STEPS, EventWriter
 
-__all__ = ["StopRun", "StopAtMaxSteps", "StopStalled", "StepRecorder", "STALL_STEPS", "STALL_HINT"]
+__all__ = ["StopRun", "StopAtMaxSteps", "StopStalled", "StopNonfinite", "StepRecorder", "STALL_STEPS", "STALL_HINT"]
 
 STALL_HINT = ("usually a learning rate too high for the model and batch (the weights were thrown somewhere "
               "every later gradient is huge or non-finite from), or a sigma that under/overflowed: the events' "
@@ -43,17 +45,27 @@ class StopStalled(StopRun):
         self.status = f"stopped: stalled since step {since} ({steps} steps in a row without an update)"
 
 
+class StopNonfinite(StopRun):
+    """Raised with --stop-at-nonfinite after the first step whose loss was non-finite."""
+
+    def __init__(self, step: int):
+        super().__init__(step)
+        self.status = f"stopped: non-finite loss at step {step}"
+
+
 class StepRecorder:
     """This process's events: a writer (given, or opened later with :meth:`open` once the rank is
     known), the ``--max-steps`` stop, stall detection, and how many steps were logged now or before."""
 
     def __init__(self, writer: EventWriter | None = None, max_steps: int | None = None,
-                 stall_steps: int = STALL_STEPS, stop_when_stalled: bool = False, on_stall=None):
+                 stall_steps: int = STALL_STEPS, stop_when_stalled: bool = False, on_stall=None,
+                 stop_at_nonfinite: bool = False):
         if stall_steps < 1:
             raise ValueError(f"stall_steps must be at least 1, got {stall_steps}")
         self.writer = writer
         self.max_steps = max_steps
         self.stall_steps, self.stop_when_stalled, self.on_stall = stall_steps, stop_when_stalled, on_stall
+        self.stop_at_nonfinite = stop_at_nonfinite
         self.logged = 0
         self.already_logged = 0
         self.streak, self.streak_start, self.stalled_since = 0, None, None
@@ -84,6 +96,8 @@ class StepRecorder:
                 self.already_logged += 1
         nonfinite = (finite is False) or loss is None or loss != loss or abs(loss) == float("inf")
         self._stall_check(int(step), bool(skipped) or nonfinite)
+        if nonfinite and self.stop_at_nonfinite:
+            raise StopNonfinite(int(step))
         return written
 
     def _stall_check(self, step: int, dead: bool) -> None:

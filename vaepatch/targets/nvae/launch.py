@@ -66,6 +66,7 @@ class Setup:
     stall_steps: int = STALL_STEPS
     stop_when_stalled: bool = False
     provenance: bool = True
+    stop_at_nonfinite: bool = False
 
 
 def _master_port_patch(port: int) -> Patch:
@@ -91,7 +92,8 @@ class _Process:
         sides = (setup.variant.posterior or UPSTREAM_SCALE, setup.variant.prior or UPSTREAM_SCALE)
         self.recorder = StepRecorder(max_steps=setup.max_steps, skip_nonfinite=setup.skip_nonfinite, scales=sides,
                                      provenance=setup.provenance, stall_steps=setup.stall_steps,
-                                     stop_when_stalled=setup.stop_when_stalled, on_stall=self._on_stall)
+                                     stop_when_stalled=setup.stop_when_stalled, on_stall=self._on_stall,
+                                     stop_at_nonfinite=setup.stop_at_nonfinite)
         self.rank = None
         self.shims = install_shims(setup.cpu)
         self.handle = self.hooks = None
@@ -171,7 +173,8 @@ def _check_args(args, out: Path) -> None:
 def run_nvae(variant: str, out: str | os.PathLike, train_args: list[str], *, upstream_path=None,
              cpu: bool = False, max_steps: int | None = None, strict: bool = True,
              skip_nonfinite: bool = False, master_port: int | None = None, stall_steps: int = STALL_STEPS,
-             stop_when_stalled: bool = False, provenance: bool = True) -> dict:
+             stop_when_stalled: bool = False, provenance: bool = True,
+             stop_at_nonfinite: bool = False) -> dict:
     """Run NVlabs/NVAE's train.py with ``variant``; returns the final run.json contents (``stalled_since``:
     see ``vaepatch.runs.recorder``)."""
     resolved = resolve_variant(variant)
@@ -182,7 +185,7 @@ def run_nvae(variant: str, out: str | os.PathLike, train_args: list[str], *, ups
     manifest_path = out / "run.json"
     previous = run_manifest.previous(out, resolved.spec)
     setup = Setup(resolved, str(out), str(location), cpu, strict, max_steps, skip_nonfinite, master_port,
-                  stall_steps, stop_when_stalled, provenance)
+                  stall_steps, stop_when_stalled, provenance, stop_at_nonfinite)
     manifest = previous or run_manifest.new("nvae", variant, resolved.spec, upstream_commit=upstream.pin("nvae").commit,
                                             seed=None, argv=train_args, loss_unit=LOSS_UNIT)
     session = {"started": run_manifest.now(), "argv": list(train_args)}
@@ -199,7 +202,7 @@ def run_nvae(variant: str, out: str | os.PathLike, train_args: list[str], *, ups
             dims_per_image=int(process.train.utils.num_output(args.dataset)),
             device="cpu" if cpu else "cuda", compat=shim_record(process.shims),
             max_steps=max_steps, skip_nonfinite=skip_nonfinite, stall_steps=stall_steps,
-            stop_when_stalled=stop_when_stalled,
+            stop_when_stalled=stop_when_stalled, stop_at_nonfinite=stop_at_nonfinite,
             master_port=master_port if master_port is not None else UPSTREAM_MASTER_PORT,
             upstream_path=str(location), upstream_logdir=str(Path(args.save).resolve()), status="running", ended=None)
         manifest.setdefault("sessions", []).append(session)
@@ -278,4 +281,5 @@ def run_from_args(args, train_args: list) -> dict:
     stop = getattr(args, "stop_when_stalled", None)
     return run_nvae(args.variant, args.out, train_args, upstream_path=args.upstream, cpu=args.cpu,
                     max_steps=args.max_steps, strict=not args.no_strict, skip_nonfinite=args.skip_nonfinite,
-                    master_port=args.master_port, stall_steps=stop or STALL_STEPS, stop_when_stalled=stop is not None)
+                    master_port=args.master_port, stall_steps=stop or STALL_STEPS, stop_when_stalled=stop is not None,
+                    stop_at_nonfinite=getattr(args, "stop_at_nonfinite", False))

@@ -90,8 +90,10 @@ class StepRecorder(BaseStepRecorder):
         nan = math.nan
         values = [self.loss, self.grad_norm if self.grad_norm is not None else nan, amp_skipped,
                   self.kl if self.kl is not None else nan, self.recon if self.recon is not None else nan]
-        loss, grad_norm, amp_skipped, kl, recon = torch.stack(
+        values += self.watch.ranges() if self.watch is not None else []
+        loss, grad_norm, amp_skipped, kl, recon, *ranges = torch.stack(  # one host sync for all of them
             [torch.as_tensor(v, device=self.loss.device).float().reshape(()) for v in values]).tolist()
+        scale = self.watch.log_sigma_ranges(ranges) if ranges else None
         finite = math.isfinite(loss)
         skipped = self.guard_skipped or bool(amp_skipped)
         reason = None if not skipped else ("nan" if not finite else "amp")
@@ -103,7 +105,8 @@ class StepRecorder(BaseStepRecorder):
         step = self.step
         self.step += 1
         self._reset()  # before writing: a stall stop (StopStalled) leaves the recorder consistent
-        self.write(step, loss, grad_norm, skipped, reason, elapsed, nonfinite=nonfinite or None, where=where, **parts)
+        self.write(step, loss, grad_norm, skipped, reason, elapsed, nonfinite=nonfinite or None, scale=scale,
+                   where=where, **parts)
 
     def close(self) -> None:
         for handle in self._hooks:

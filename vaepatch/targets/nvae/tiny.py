@@ -104,3 +104,30 @@ def train_step(model, optimizer, x, alpha_i, global_step):
     loss.backward()
     optimizer.step()
     return time.perf_counter() - t0, loss.item()
+
+
+# NVAE's smallest model through its own train.py: 4 channels, 2 scales x 2 groups of 2 latents, one
+# cell per block, squeeze-excitation, NVAE's default pixels (10 discretized logistics), batch 8.
+TRAIN_ARGS = ["--dataset", "cifar10", "--batch_size", "8", "--num_channels_enc", "4", "--num_channels_dec", "4",
+              "--num_latent_scales", "2", "--num_groups_per_scale", "2", "--num_latent_per_group", "2",
+              "--num_preprocess_blocks", "1", "--num_preprocess_cells", "1", "--num_postprocess_blocks", "1",
+              "--num_postprocess_cells", "1", "--use_se"]
+TRAIN_BATCH = 8
+
+
+def make_data(dest, steps: int, batch_size: int = TRAIN_BATCH):
+    """A CIFAR-format dataset whose one epoch is longer than ``steps`` batches, so a run stopped at
+    --max-steps never reaches NVAE's end-of-epoch evaluation."""
+    from pathlib import Path
+
+    if not (Path(dest) / cifar_format.FOLDER / "test_batch").exists():
+        cifar_format.make(dest, n_train=batch_size * (steps + 1), n_test=8, for_target="nvae")
+    return Path(dest)
+
+
+def run_args(run_dir, data, seed: int, lr: float, port: int) -> tuple[list, list]:
+    """(``vaepatch run nvae`` options, train.py arguments) for the tiny model at ``lr``: one epoch
+    (its KL annealing spans the run), no warm-up, its own checkpoint folder and port."""
+    return ["--master-port", str(port)], [*TRAIN_ARGS, "--learning_rate", repr(float(lr)), "--seed", str(seed),
+                                          "--data", str(data), "--root", str(run_dir / "nvae"), "--save", "run",
+                                          "--epochs", "1", "--warmup_epochs", "0"]

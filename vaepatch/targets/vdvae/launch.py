@@ -71,7 +71,7 @@ def _require_mpi4py() -> None:
 def run_vdvae(variant: str, out: str | os.PathLike, train_args: list[str], *, upstream_path=None,
               cpu: bool = False, max_steps: int | None = None, fuse: bool | None = None,
               strict: bool = True, stall_steps: int = STALL_STEPS, stop_when_stalled: bool = False,
-              provenance: bool = True) -> dict:
+              provenance: bool = True, stop_at_nonfinite: bool = False) -> dict:
     """Run openai/vdvae's train.py with ``variant``; returns the final run.json contents.
 
     A run is stalled after ``stall_steps`` steps in a row without an update: run.json says since when
@@ -102,7 +102,8 @@ def run_vdvae(variant: str, out: str | os.PathLike, train_args: list[str], *, up
 
     sides = (resolved.posterior or UPSTREAM_SCALE, resolved.prior or UPSTREAM_SCALE)
     recorder = StepRecorder(max_steps=max_steps, scales=sides, provenance=provenance, stall_steps=stall_steps,
-                            stop_when_stalled=stop_when_stalled, on_stall=on_stall)
+                            stop_when_stalled=stop_when_stalled, on_stall=on_stall,
+                            stop_at_nonfinite=stop_at_nonfinite)
     writer = recorder.open(out / "events.jsonl", rank)
     manifest = previous or run_manifest.new("vdvae", variant, resolved.spec, upstream_commit=upstream.pin("vdvae").commit,
                                             seed=H.seed, argv=train_args, loss_unit=LOSS_UNIT)
@@ -118,6 +119,7 @@ def run_vdvae(variant: str, out: str | os.PathLike, train_args: list[str], *, up
     manifest.update(
         world_size=world, device="cpu" if cpu else "cuda", fuse=bool(fuse) if fuse is not None else None,
         compat=shim_record(shims), max_steps=max_steps, stall_steps=stall_steps, stop_when_stalled=stop_when_stalled,
+        stop_at_nonfinite=stop_at_nonfinite,
         upstream_path=str(location), upstream_logdir=str(Path(H.save_dir or ".", H.desc or "test").resolve()),
         status="running", ended=None)
     manifest.setdefault("sessions", []).append(session)
@@ -198,4 +200,5 @@ def run_from_args(args, train_args: list) -> dict:
     stop = getattr(args, "stop_when_stalled", None)
     return run_vdvae(args.variant, args.out, train_args, upstream_path=args.upstream, cpu=args.cpu,
                      max_steps=args.max_steps, fuse=args.fuse, strict=not args.no_strict,
-                     stall_steps=stop or STALL_STEPS, stop_when_stalled=stop is not None)
+                     stall_steps=stop or STALL_STEPS, stop_when_stalled=stop is not None,
+                     stop_at_nonfinite=getattr(args, "stop_at_nonfinite", False))

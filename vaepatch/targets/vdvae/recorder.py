@@ -26,7 +26,7 @@ class StepRecorder(BaseStepRecorder):
                  provenance: bool = True, **stall):
         super().__init__(writer, max_steps, **stall)
         self._in_step = False
-        self._local = None
+        self._local, self._ranges = None, []
         self.scales, self.provenance = scales, provenance
         self.watch = self._hooks = None
 
@@ -36,9 +36,11 @@ class StepRecorder(BaseStepRecorder):
             if self._in_step and "elbo" in stat_dict:
                 import torch
 
-                parts = [torch.as_tensor(stat_dict[k]).detach().float().reshape(()).cpu()
+                parts = [torch.as_tensor(stat_dict[k]).detach().float().reshape(())
                          for k in ("elbo", "rate", "distortion") if k in stat_dict]
-                self._local = torch.stack(parts).tolist()  # one host sync for the three
+                ranges = [v.float().reshape(()).to(parts[0].device) for v in self.watch.ranges()] if self.watch else []
+                values = torch.stack(parts + ranges).tolist()  # one host sync: the loss parts and the scale ranges
+                self._local, self._ranges = values[:len(parts)], values[len(parts):]
             return original(stat_dict)
         return get_cpu_stats_over_ranks
 
@@ -49,7 +51,7 @@ class StepRecorder(BaseStepRecorder):
                 self.watch, self._hooks = watch(vae, *self.scales)
             if self.watch is not None:
                 self.watch.reset()
-            self._in_step, self._local = True, None
+            self._in_step, self._local, self._ranges = True, None, []
             start = time.perf_counter()
             try:
                 stats = original(H, data_input, target, vae, ema_vae, optimizer, iterate)
@@ -71,8 +73,9 @@ class StepRecorder(BaseStepRecorder):
         kl, recon = (local[1], local[2]) if len(local) == 3 else (None, None)
         nonfinite = [name for name, v in (("kl", kl), ("recon", recon)) if v is not None and not math.isfinite(v)]
         where = self.watch.where() if self.watch is not None and (skipped or not math.isfinite(loss)) else None
+        scale = self.watch.log_sigma_ranges(self._ranges) if self.watch is not None and self._ranges else None
         self.write(step, loss, float(stats["grad_norm"]), skipped, reason, elapsed, kl=kl, recon=recon,
-                   nonfinite=nonfinite or None, where=where)
+                   nonfinite=nonfinite or None, scale=scale, where=where)
 
     def close(self) -> None:
         for handle in self._hooks or ():

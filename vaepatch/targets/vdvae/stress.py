@@ -18,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from vaepatch import cifar_format, report
+from vaepatch.runs.launch import free_port
 from vaepatch.targets.vdvae.tiny import TRAIN_ARGS as TINY_ARGS
 from vaepatch.variant import variants
 
@@ -31,15 +32,6 @@ def train_args(data: Path, run_dir: Path, name: str, seed: int, lr: float, port:
     return [*TINY_ARGS, "--lr", str(lr), "--seed", str(seed), "--data_root", str(data),
             "--save_dir", str(run_dir / "vdvae"), "--desc", name, "--port", str(port),
             "--iters_per_images", "1000000"]
-
-
-def free_port() -> int:
-    """A TCP port nobody listens on now: each run's process group needs its own."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _one(job) -> tuple[str, int, float]:

@@ -52,3 +52,21 @@ def batch(n, seed=0):
     images = torch.from_numpy(cifar_format.crops(n, seed=seed)).float()
     x = images / 127.5 - 1.0
     return x, x.clone()
+
+
+def make_data(dest, steps: int, batch_size: int = 16):
+    """A CIFAR-format dataset (``vaepatch make-data``) with one epoch longer than ``steps`` batches,
+    so a run stopped at --max-steps never reaches VDVAE's end-of-epoch evaluation."""
+    from pathlib import Path
+
+    if not (Path(dest) / cifar_format.FOLDER / "test_batch").exists():
+        cifar_format.make(dest, n_train=cifar_format.VALIDATION_HOLDOUT + batch_size * (steps + 1), n_test=100)
+    return Path(dest)
+
+
+def run_args(run_dir, data, seed: int, lr: float, port: int) -> tuple[list, list]:
+    """(``vaepatch run vdvae`` options, train.py arguments) for the tiny model at ``lr``: its own
+    save dir and process-group port, no sample images."""
+    return [], [*TRAIN_ARGS, "--lr", repr(float(lr)), "--seed", str(seed), "--data_root", str(data),
+                "--save_dir", str(run_dir / "vdvae"), "--desc", "run", "--port", str(port),
+                "--iters_per_images", "1000000"]
