@@ -20,7 +20,8 @@ PYTHON=${PYTHON:-python3}
 WHEELS=1 ARGS=()
 for a in "$@"; do
   case "$a" in
-    -h|--help) sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; echo; exec "$PYTHON" -m vaepatch bench gpu --help ;;
+    -h|--help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; echo
+               exec "$PYTHON" -m vaepatch bench gpu --help ;;
     --no-wheels) WHEELS=0; continue ;;
     --dry-run) WHEELS=0 ;;
   esac
