@@ -3,6 +3,7 @@
 torch has no CPU allocator statistics, so memory is measured two honest ways: the bytes autograd
 saves for the backward pass (exact, load-independent) and the rise of the process's peak resident set
 (Linux VmHWM, reset through ``/proc/self/clear_refs``), which also holds gradients and allocator slack.
+On CUDA, :func:`cuda_peak` reads the caching allocator's own peak.
 """
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["counted_flops", "saved_bytes", "rss_now_and_peak"]
+__all__ = ["counted_flops", "saved_bytes", "cuda_peak", "rss_now_and_peak"]
 
 
 def _conv_backward_flops(grad_out_shape, x_shape, w_shape, _bias, _stride, _padding, _dilation, transposed,
@@ -55,6 +56,19 @@ def saved_bytes(loss_fn, parameters) -> int:
         loss = loss_fn()
     del loss
     return sum(seen.values())
+
+
+def cuda_peak(fn, device) -> dict:
+    """Run ``fn()`` once on CUDA ``device``: ``peak_bytes``, the most the allocator held during it (the peak
+    is reset first: ``torch.cuda.max_memory_allocated``), and ``step_bytes``, its rise above what was
+    allocated before the call (activations, gradients, temporaries; not the weights already resident)."""
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    fn()
+    torch.cuda.synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device)
+    return {"peak_bytes": peak, "step_bytes": peak - base}
 
 
 def rss_now_and_peak():

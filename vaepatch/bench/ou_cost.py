@@ -39,7 +39,7 @@ from vaepatch.bench import fill_defaults, timing
 from vaepatch.bench.measure import counted_flops, rss_now_and_peak, saved_bytes
 from vaepatch.models.mlp_hierarchy import MLPHierarchy
 
-__all__ = ["mlp_flops", "saved_bytes", "measure_mlp", "measure_upstream", "main"]
+__all__ = ["mlp_flops", "saved_bytes", "build", "measure_mlp", "measure_upstream", "main"]
 
 DEFAULTS = dict(steps=50, warmup=10, samples="5,10", rss_steps=20)
 QUICK = dict(steps=5, warmup=2, samples="5", rss_steps=3)
@@ -81,7 +81,7 @@ def _rss_worker(kind: str, config, steps: int, threads: int) -> int:
 
 
 def _rss_growth_here(kind, config, steps):
-    step, _ = _build(kind, config)
+    step, _ = build(kind, config)
     step()
     Path("/proc/self/clear_refs").write_text("5")
     before, _ = rss_now_and_peak()
@@ -106,12 +106,13 @@ def _mlp_variant(samples):
     return "vanilla" if samples is None else f"vanilla,ou={RHO}x{samples}"
 
 
-def _build(kind: str, config, seed: int = 0):
-    """(one training step as a callable, extras) for a config of ``kind``, same weights for every config."""
+def build(kind: str, config, seed: int = 0, device="cpu"):
+    """(one training step as a callable, extras) for a config of ``kind``, same weights for every config,
+    model and batch on ``device``."""
     if kind == "mlp":
         torch.manual_seed(seed)
-        model = MLPHierarchy(variant=_mlp_variant(config))
-        x = torch.bernoulli(torch.full((100, 784), 0.13), generator=torch.Generator().manual_seed(seed))
+        model = MLPHierarchy(variant=_mlp_variant(config)).to(device)
+        x = torch.bernoulli(torch.full((100, 784), 0.13), generator=torch.Generator().manual_seed(seed)).to(device)
         opt = torch.optim.Adam(model.parameters(), lr=1e-3)
 
         def step():
@@ -127,7 +128,8 @@ def _build(kind: str, config, seed: int = 0):
         variant = "upbounded1" if config is None else f"upbounded1,ou={RHO}x{config}"
         handle = apply(variant, target="vdvae")
         H, model = tiny_vae(seed, dec_blocks=VDVAE_DEC)
-        x, _ = batch(H.n_batch, seed)
+        model = model.to(device)
+        x = batch(H.n_batch, seed)[0].to(device)
         opt = torch.optim.SGD(model.parameters(), lr=1e-6)
 
         def step():
@@ -145,8 +147,8 @@ def _build(kind: str, config, seed: int = 0):
         variant = "upbounded1" if config is None else f"upbounded1,ou={RHO}x{config}"
         handle = apply(variant, target="nvae")
         _, overrides, batch = NVAE_SIZES[kind]
-        model = nv.tiny_nvae(seed, **overrides)
-        x = nv.batch(batch, seed)
+        model = nv.tiny_nvae(seed, **overrides).to(device)
+        x = nv.batch(batch, seed).to(device)
         opt = torch.optim.Adamax(model.parameters(), **nv.ADAMAX)
         alpha_i = utils.kl_balancer_coeff(num_scales=model.num_latent_scales, groups_per_scale=model.groups_per_scale,
                                           fun="square")
@@ -186,7 +188,7 @@ def _label(samples):
 
 def measure_mlp(samples_list, steps, warmup, rss_steps, threads) -> list:
     configs = [None] + list(samples_list)
-    built = {c: _build("mlp", c) for c in configs}
+    built = {c: build("mlp", c) for c in configs}
     med = _interleave({c: built[c][0] for c in configs}, steps, warmup, "ou-cost mlp")
     check = counted_flops(built[configs[-1]][0]), counted_flops(built[None][0])
     rows = []
@@ -244,7 +246,7 @@ def _measure_here(kind, samples_list, steps, warmup, threads) -> list:
         revert(target)
         try:
             for c in configs:
-                built[c] = _build(kind, c)
+                built[c] = build(kind, c)
                 built[c][1]["patchset"].revert()
 
             def switch(name):  # only the config's own patch set applied (a no-op revert costs nothing)

@@ -12,7 +12,7 @@ import time
 
 import torch
 
-__all__ = ["interleaved", "toggle", "timed", "row", "table"]
+__all__ = ["interleaved", "toggle", "timed", "synced", "row", "table"]
 
 
 def interleaved(steps_by_name: dict, steps: int, warmup: int, desc: str, before=None) -> dict:
@@ -50,6 +50,23 @@ def timed(fn):
     t0 = time.perf_counter()
     fn()
     return time.perf_counter() - t0
+
+
+def synced(fn, device):
+    """A step for :func:`interleaved` that times ``fn()`` to the end of its GPU work: on CUDA the device
+    is synchronized before and after (a CUDA call returns once the work is queued); on CPU plain timing."""
+    device = torch.device(device)
+
+    def step(_i):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter() - t0
+
+    return step
 
 
 def row(variant, medians, steps, **extra):

@@ -3,6 +3,8 @@
 A small VDVAE on CPU (width 32, zdim 8, one block per resolution, batch 16, 32x32), the
 same weights and batch for every variant, steps interleaved (vanilla, patched, vanilla, ...)
 so drift in the machine's speed hits both alike; the ratio is median patched / median vanilla.
+:func:`measure` also runs upstream's full ``--hps cifar10`` model on a GPU (``size="cifar10"``,
+``device="cuda"``; the GPU check, ``vaepatch bench gpu``), with each step's peak memory.
 """
 from __future__ import annotations
 
@@ -12,41 +14,75 @@ import time
 import torch
 
 from vaepatch.bench import timing
-from vaepatch.targets.vdvae.tiny import batch, tiny_vae
+from vaepatch.bench.measure import cuda_peak, saved_bytes
+from vaepatch.targets.vdvae.tiny import batch, cifar10_vae, tiny_vae
+
+SIZES = {"tiny": tiny_vae, "cifar10": cifar10_vae}
+
+
+def _sync(x):
+    """Wait for the GPU (a CUDA step is only queued when the Python call returns)."""
+    if x.is_cuda:
+        torch.cuda.synchronize(x.device)
 
 
 def _step(model, optimizer, x):
     optimizer.zero_grad(set_to_none=True)
+    _sync(x)
     t0 = time.perf_counter()
     stats = model(x, x)
     stats["elbo"].backward()
     optimizer.step()
+    _sync(x)
     return time.perf_counter() - t0
 
 
-def measure(variant="upbounded1", steps=30, warmup=5, threads=None, seed=0, fuse=False):
-    """Median step seconds for vanilla and the variant, interleaved, and their ratio."""
+def _memory(models, optimizers, x, before) -> dict:
+    """Per model, after timing: on CUDA the peak allocated during one step and its rise above what was
+    allocated before it (``vaepatch.bench.measure.cuda_peak``); on CPU, which has no allocator
+    statistics, the activation bytes autograd saves for backward (``saved_bytes``)."""
+    memory = {}
+    for name, m in models.items():
+        before(name)
+        if x.is_cuda:
+            memory[name] = cuda_peak(lambda m=m: _step(m, optimizers[name], x), x.device)
+        else:
+            memory[name] = {"saved_bytes": saved_bytes(lambda m=m: m(x, x)["elbo"], m.parameters())}
+    return memory
+
+
+def measure(variant="upbounded1", steps=30, warmup=5, threads=None, seed=0, fuse=False, device="cpu", size="tiny",
+            memory=False):
+    """Median step seconds for vanilla and the variant, interleaved, and their ratio.
+
+    ``size``: "tiny" (the CPU bench's model) or "cifar10" (upstream's full ``--hps cifar10``, batch 16
+    as upstream). ``memory``: also each model's peak memory of one more step (:func:`_memory`).
+    """
     import vaepatch
 
     if threads:
         torch.set_num_threads(threads)
+    build = SIZES[size]
+    device = torch.device(device)
     vaepatch.revert("vdvae")
     # apply locates, verifies and imports the clone (or says what to run); built once, toggled per step
     patchset = vaepatch.apply(variant, target="vdvae", fuse=fuse).patchset
     try:
         patchset.revert()
-        H, model = tiny_vae(seed)
-        x, _ = batch(H.n_batch, seed)
-        _, twin = tiny_vae(seed)  # not deepcopy: upstream's z_fn/final_fn lambdas would still point at `model`
+        with torch.device(device):  # weights drawn where they live (a full model builds in seconds on a GPU)
+            H, model = build(seed)
+            _, twin = build(seed)  # not deepcopy: upstream's z_fn/final_fn lambdas would still point at `model`
         twin.load_state_dict(model.state_dict())
-        models = {"vanilla": model, "patched": twin}  # same weights, same batch
+        models = {"vanilla": model.to(device), "patched": twin.to(device)}  # same weights, same batch
+        x = batch(H.n_batch, seed)[0].to(device)
         optimizers = {name: torch.optim.SGD(m.parameters(), lr=1e-6) for name, m in models.items()}
         step_fns = {name: (lambda i, m=m, opt=optimizers[name]: _step(m, opt, x)) for name, m in models.items()}
         med = timing.interleaved(step_fns, steps, warmup, desc=f"vanilla vs {variant}{' (fused)' if fuse else ''}",
                                  before=timing.toggle(patchset))
+        extra = {"memory": _memory(models, optimizers, x, timing.toggle(patchset))} if memory else {}
     finally:
         vaepatch.revert("vdvae")
-    return timing.row(variant, med, steps, fuse=fuse)
+    return timing.row(variant, med, steps, fuse=fuse, device=str(device), size=size, batch=H.n_batch, **extra)
 
 
 def measure_observers(steps=30, warmup=5, threads=None, seed=0):

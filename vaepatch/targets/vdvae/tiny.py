@@ -1,5 +1,6 @@
 """A tiny configuration of the real openai/vdvae (width 32, zdim 8, one block per resolution,
-batch 16, 32x32), built by VDVAE's own code: what the tests and the CPU benches train and time.
+batch 16, 32x32), built by VDVAE's own code: what the tests and the CPU benches train and time;
+and upstream's full ``--hps cifar10`` model (:func:`cifar10_vae`) for the GPU check.
 Needs the clone on ``sys.path`` (``vaepatch.apply`` or ``upstream.add_to_path`` puts it there).
 """
 from __future__ import annotations
@@ -10,7 +11,8 @@ import torch
 
 from vaepatch import cifar_format
 
-__all__ = ["ONE_BLOCK_PER_RESOLUTION", "TRAIN_ARGS", "tiny_hparams", "tiny_vae", "batch"]
+__all__ = ["ONE_BLOCK_PER_RESOLUTION", "TRAIN_ARGS", "TINY", "cifar10_hparams", "tiny_hparams", "tiny_vae",
+           "cifar10_vae", "batch"]
 
 ONE_BLOCK_PER_RESOLUTION = dict(
     dec_blocks="1x1,4m1,8m4,16m8,32m16",
@@ -21,14 +23,19 @@ ONE_BLOCK_PER_RESOLUTION = dict(
 TRAIN_ARGS = ["--hps", "cifar10", "--width", "32", "--zdim", "8", "--n_batch", "16",
               "--dec_blocks", "1x1,4m1,4x1,8m4,8x1,16m8,16x1,32m16,32x1",
               "--enc_blocks", "32x1,32d2,16x1,16d2,8x1,8d2,4x1,4d4,1x1"]
+TINY = dict(width=32, zdim=8, n_batch=16, **ONE_BLOCK_PER_RESOLUTION)
 
 
 def tiny_hparams(**overrides):
     """Upstream's own hyperparameters for ``--hps cifar10``, made tiny, parsed by upstream's hps.py."""
+    return cifar10_hparams(**{**TINY, **overrides})
+
+
+def cifar10_hparams(**settings):
+    """Upstream's own hyperparameters for ``--hps cifar10`` (full size: width 384, 43 decoder blocks,
+    batch 16) with ``settings`` on top, parsed by upstream's hps.py."""
     import hps  # from the clone on sys.path
 
-    settings = dict(width=32, zdim=8, n_batch=16, **ONE_BLOCK_PER_RESOLUTION)
-    settings.update(overrides)
     argv = ["--hps", "cifar10"] + [f"--{k}={v}" for k, v in settings.items()]
     parser = argparse.ArgumentParser()
     hps.add_vae_arguments(parser)
@@ -40,10 +47,18 @@ def tiny_hparams(**overrides):
 
 def tiny_vae(seed=0, **overrides):
     """(H, vae.VAE(H)) for :func:`tiny_hparams`, weights drawn from ``seed``."""
+    return _vae(tiny_hparams(**overrides), seed)
+
+
+def cifar10_vae(seed=0, **overrides):
+    """(H, vae.VAE(H)) for upstream's full ``--hps cifar10`` (:func:`cifar10_hparams`), weights from ``seed``."""
+    return _vae(cifar10_hparams(**overrides), seed)
+
+
+def _vae(H, seed):
     import vae
 
     torch.manual_seed(seed)
-    H = tiny_hparams(**overrides)
     return H, vae.VAE(H)
 
 
