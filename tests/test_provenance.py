@@ -147,3 +147,18 @@ def test_compare_shows_stalled_runs_and_where_they_broke(tmp_path, capsys):
     (summary,) = json.loads(capsys.readouterr().out)
     assert summary["stalled"] == {"runs": 1, "since": [1]}
     assert summary["nonfinite_origins"] == {"kl non-finite at block 5 (16x16): prior sigma underflow": 2}
+
+
+def test_gradient_top_names_the_module_that_drove_the_norm():
+    model = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.Linear(3, 3))
+    model[0].weight.grad = torch.full((3, 3), 0.1)
+    model[0].bias.grad = torch.zeros(3)
+    model[1].weight.grad = torch.full((3, 3), 3.0)
+    top = provenance.gradient_top(model.named_parameters(), k=2, depth=1)
+    assert [name for name, _, _ in top] == ["1", "0"]
+    assert top[0][1] == pytest.approx(9.0) and top[0][2] == pytest.approx(81 / (81 + 0.09))
+    model[0].bias.grad = torch.tensor([math.nan, 0.0, 0.0])
+    assert provenance.gradient_top(model.named_parameters(), depth=1)[0][:2] == ["0", None]  # non-finite first
+    event = {"step": 7, "finite": True, "reason": "grad",
+             "where": {"label": "block 2 (4x4)", "cause": "largest KL, sigma in range", "grad_top": [["1", 9.0, 0.93]]}}
+    assert provenance.describe(event).endswith("; gradient mostly 1 (93% of its squared norm)")

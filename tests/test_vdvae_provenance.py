@@ -98,6 +98,7 @@ def test_injected_prior_underflow_is_named_in_the_event(tmp_path, upstream_train
     assert block["group"] == FAULT_BLOCK and block["label"].startswith(f"block {FAULT_BLOCK} (")
     assert block["prior"]["raw"] == [-100.0, -100.0] and "prior sigma underflow" in block["cause"]
     assert block["groups_nonfinite"] == 1
+    assert block["grad_top"] and all(len(entry) == 3 for entry in block["grad_top"])
     assert events.count(log).nonfinite_origins == {f"kl non-finite at {block['label']}: {block['cause']}": 1}
 
 

@@ -18,7 +18,7 @@ import math
 
 import torch
 
-__all__ = ["GroupWatch", "LOG_SIGMA_UNDERFLOW", "LOG_SIGMA_OVERFLOW", "describe", "origin"]
+__all__ = ["GroupWatch", "LOG_SIGMA_UNDERFLOW", "LOG_SIGMA_OVERFLOW", "describe", "origin", "gradient_top"]
 
 _F32 = torch.finfo(torch.float32)
 LOG_SIGMA_UNDERFLOW = math.log(_F32.tiny) / 2  # -43.7: sigma^2 below float32's smallest normal
@@ -159,4 +159,30 @@ def describe(event: dict) -> str:
         if info:
             raw = "..".join("nan" if v is None else f"{v:.3g}" for v in info["raw"])
             ranges.append(f"{side} raw {raw}")
-    return f"{head} at {origin(where)}" + (f" ({', '.join(ranges)})" if ranges else "")
+    line = f"{head} at {origin(where)}" + (f" ({', '.join(ranges)})" if ranges else "")
+    top = where.get("grad_top") or []
+    if top and top[0][2] is not None:
+        line += f"; gradient mostly {top[0][0]} ({top[0][2]:.0%} of its squared norm)"
+    elif top:
+        line += f"; gradient non-finite in {top[0][0]}"
+    return line
+
+
+def gradient_top(named_parameters, k: int = 3, depth: int = 4) -> list:
+    """What drove a step's gradient norm: the ``k`` modules (parameter names cut to ``depth`` parts,
+    e.g. ``decoder.dec_blocks.8.prior``) with the largest gradient norm, as ``[name, norm, share of
+    the squared total]``; one host sync. Non-finite norms sort first."""
+    squares = {}
+    for name, p in named_parameters:
+        if p.grad is not None:
+            key = ".".join(name.split(".")[:depth])
+            sq = p.grad.detach().float().pow(2).sum()
+            squares[key] = squares[key] + sq if key in squares else sq
+    if not squares:
+        return []
+    names = list(squares)
+    values = torch.stack([squares[n] for n in names]).tolist()
+    total = sum(v for v in values if math.isfinite(v))
+    ranked = sorted(zip(names, values), key=lambda nv: (math.isfinite(nv[1]), -nv[1] if math.isfinite(nv[1]) else 0))
+    return [[n, _num(math.sqrt(v)) if math.isfinite(v) else None, _num(v / total) if total and math.isfinite(v) else None]
+            for n, v in ranked[:k]]

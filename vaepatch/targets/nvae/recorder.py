@@ -12,6 +12,7 @@ import math
 import time
 
 from vaepatch.runs.recorder import StepRecorder as BaseStepRecorder
+from vaepatch.runs.provenance import gradient_top
 from vaepatch.targets.nvae.patch import UPSTREAM_SCALE
 from vaepatch.targets.nvae.provenance import watch
 
@@ -40,7 +41,7 @@ class StepRecorder(BaseStepRecorder):
         super().__init__(writer, max_steps, **stall)
         self.skip_nonfinite = skip_nonfinite
         self.scales, self.provenance = scales, provenance
-        self.watch, self._hooks = None, ()
+        self.watch, self._hooks, self._model = None, (), None
         self.step = 0
         self._reset()
 
@@ -56,6 +57,7 @@ class StepRecorder(BaseStepRecorder):
             self.step = int(global_step)
             if self.provenance and self.watch is None and hasattr(model, "enc_sampler"):
                 self.watch, self._hooks = watch(model, *self.scales, on_kl=self._on_kl)
+                self._model = model
             return original(_Batches(train_queue, self), model, cnn_optimizer, grad_scalar, global_step,
                             *args, **kwargs)
         return train
@@ -101,6 +103,8 @@ class StepRecorder(BaseStepRecorder):
         parts = {"kl": kl if self.kl is not None else None, "recon": recon if self.recon is not None else None}
         nonfinite = [name for name, v in parts.items() if v is not None and not math.isfinite(v)]
         where = self.watch.where() if self.watch is not None and (skipped or not finite) else None
+        if where is not None and self._model is not None:  # gradients of the step, applied or not
+            where["grad_top"] = gradient_top(self._model.named_parameters(), depth=3)
         grad_norm = None if self.grad_norm is None else grad_norm
         step = self.step
         self.step += 1

@@ -5,6 +5,7 @@ import math
 import time
 
 from vaepatch.runs.recorder import StepRecorder as BaseStepRecorder
+from vaepatch.runs.provenance import gradient_top
 from vaepatch.targets.vdvae.patch import UPSTREAM_SCALE
 from vaepatch.targets.vdvae.provenance import watch
 
@@ -28,7 +29,7 @@ class StepRecorder(BaseStepRecorder):
         self._in_step = False
         self._local, self._ranges = None, []
         self.scales, self.provenance = scales, provenance
-        self.watch = self._hooks = None
+        self.watch = self._hooks = self._model = None
 
     def stats_over_ranks(self, original):
         """Wrap ``get_cpu_stats_over_ranks`` to keep this rank's own loss and parts before ranks are averaged."""
@@ -49,6 +50,7 @@ class StepRecorder(BaseStepRecorder):
             self.check_max_steps(iterate)
             if self.provenance and self.watch is None and hasattr(getattr(vae, "module", vae), "decoder"):
                 self.watch, self._hooks = watch(vae, *self.scales)
+                self._model = getattr(vae, "module", vae)
             if self.watch is not None:
                 self.watch.reset()
             self._in_step, self._local, self._ranges = True, None, []
@@ -72,7 +74,10 @@ class StepRecorder(BaseStepRecorder):
         loss = local[0]
         kl, recon = (local[1], local[2]) if len(local) == 3 else (None, None)
         nonfinite = [name for name, v in (("kl", kl), ("recon", recon)) if v is not None and not math.isfinite(v)]
-        where = self.watch.where() if self.watch is not None and (skipped or not math.isfinite(loss)) else None
+        failing = skipped or not math.isfinite(loss)
+        where = self.watch.where() if self.watch is not None and failing else None
+        if where is not None and self._model is not None:  # the skipped update's gradients are still there
+            where["grad_top"] = gradient_top(self._model.named_parameters())
         scale = self.watch.log_sigma_ranges(self._ranges) if self.watch is not None and self._ranges else None
         self.write(step, loss, float(stats["grad_norm"]), skipped, reason, elapsed, kl=kl, recon=recon,
                    nonfinite=nonfinite or None, scale=scale, where=where)
