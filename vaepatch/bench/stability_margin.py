@@ -35,8 +35,8 @@ __all__ = ["log_grid", "outcome", "margins", "collect", "run_grid", "table_lines
 
 VARIANTS = "vanilla,upbounded1,explin,upbounded1-cst1,explin-cst1,softplus-ln2,upbounded1-floor"
 DEFAULTS = {"vdvae": dict(lrs="0.005:0.16:6", seeds="0,1,2", steps=300, dead=50, variants=VARIANTS),
-            "nvae": dict(lrs="0.01:0.16:5", seeds="0,1,2", steps=150, dead=30,
-                         variants="vanilla,upbounded1,explin-cst1,softplus-ln2,upbounded1-floor")}
+            "nvae": dict(lrs="5:160:6", seeds="0,1,2", steps=150, dead=30,
+                         variants="vanilla,upbounded1,upbounded1-cst1,softplus-ln2,upbounded1-floor")}
 QUICK = dict(lrs="0.001:0.1:2", seeds="0", steps=4, dead=3, variants="vanilla,upbounded1")
 
 
