@@ -101,3 +101,20 @@ def test_quick_grid_end_to_end_on_the_real_vdvae(tmp_path):
     before = (out / "runs" / "vanilla" / "lr0.001" / "seed0" / "events.jsonl").stat().st_mtime
     assert sm.main(["--quick", "--out", str(out)]) == 0  # resumed: every run was finished
     assert (out / "runs" / "vanilla" / "lr0.001" / "seed0" / "events.jsonl").stat().st_mtime == before
+
+
+def test_a_finite_loss_far_above_the_first_steps_fails_the_run(tmp_path):
+    """NVAE has no high-gradient skip: a loss that climbs 1e20-fold but stays finite must not pass."""
+    _write_run(tmp_path / "up", "stopped at --max-steps 4", [(2e4, False, None), (1.9e4, False, None),
+                                                            (8.5e21, False, None), (1e3, False, None)])
+    _write_run(tmp_path / "wobble", "stopped at --max-steps 4", [(2e4, False, None), (1.9e5, False, None),
+                                                                (1.5e4, False, None), (1e4, False, None)])
+    up, wobble = sm.outcome(tmp_path / "up", steps=4), sm.outcome(tmp_path / "wobble", steps=4)
+    assert not up["passed"] and up["diverged_step"] == 2 and up["first_fail_step"] == 2
+    assert up["first_failure"].startswith("step 2: loss diverged (8.5e+21, 4.25e+17x")
+    assert wobble["passed"] and wobble["diverged_step"] is None  # 9.5x the first loss: under the default 10x
+    assert not sm.outcome(tmp_path / "wobble", steps=4, diverge=5)["passed"]
+    # a NaN before the divergence stays the first failure
+    _write_run(tmp_path / "nan", "stopped", [(2e4, False, None), (None, True, "nan"), (9e9, False, None)])
+    nan = sm.outcome(tmp_path / "nan", steps=3)
+    assert nan["first_fail_step"] == 1 and nan["first_failure"].startswith("step 1: loss non-finite")

@@ -6,8 +6,10 @@ number of steps (any configuration: upstream flags after ``--`` are appended and
 early at its first non-finite loss (``--stop-at-nonfinite``) or once its last ``--dead`` steps had no
 update (``--stop-when-stalled``), so failing cells cost little.
 
-A cell passes when every seed ran all its steps with 0 non-finite losses and 0 skipped updates
-(high-gradient or AMP). A variant's margin is the largest learning rate of the grid below its first
+A cell passes when every seed ran all its steps with 0 non-finite losses, 0 skipped updates
+(high-gradient or AMP) and no divergence: a finite loss above ``--diverge`` (10) times the first
+step's. NVAE has no high-gradient skip, so without that rule a run whose loss climbs from 2e4 to 1e24
+and stays finite would pass. A variant's margin is the largest learning rate of the grid below its first
 failing one (every lower rate passes too); its ratio is that margin over vanilla's. Rerunning skips
 finished runs, so a long grid survives interruption.
 """
@@ -35,8 +37,9 @@ __all__ = ["log_grid", "outcome", "margins", "collect", "run_grid", "table_lines
 
 VARIANTS = "vanilla,upbounded1,explin,upbounded1-cst1,explin-cst1,softplus-ln2,upbounded1-floor"
 DEFAULTS = {"vdvae": dict(lrs="0.005:0.16:6", seeds="0,1,2", steps=300, dead=50, variants=VARIANTS),
-            "nvae": dict(lrs="5:160:6", seeds="0,1,2", steps=150, dead=30,
-                         variants="vanilla,upbounded1,upbounded1-cst1,softplus-ln2,upbounded1-floor")}
+            "nvae": dict(lrs="0.03162:1:4", seeds="0,1,2", steps=150, dead=30,
+                         variants="vanilla,softplus-ln2,upbounded1,upbounded1-cst1")}
+DIVERGE = 10.0  # a finite loss above this many times the first step's is a failure
 QUICK = dict(lrs="0.001:0.1:2", seeds="0", steps=4, dead=3, variants="vanilla,upbounded1")
 
 
@@ -62,7 +65,16 @@ def _finished(run_dir: Path) -> bool:
     return status.startswith(("completed", "stopped", "crashed"))
 
 
-def outcome(run_dir: Path, steps: int) -> dict:
+def _diverged(log: list, factor: float):
+    """(step, loss, loss / first) of the first finite loss above ``factor`` x the first finite one, or None."""
+    losses = [(e["step"], e["loss"]) for e in log if e["finite"] and e["loss"] is not None]
+    if not losses or losses[0][1] <= 0:
+        return None  # a loss that starts at or below 0 has no scale to diverge from
+    first = losses[0][1]
+    return next(((step, loss, loss / first) for step, loss in losses if loss > factor * first), None)
+
+
+def outcome(run_dir: Path, steps: int, diverge: float = DIVERGE) -> dict:
     """One run's result from its run.json and events: passed, counts, first failing step and what broke."""
     manifest = run_manifest.read(run_dir / run_manifest.FILENAME) or {}
     try:
@@ -71,13 +83,20 @@ def outcome(run_dir: Path, steps: int) -> dict:
         log = []
     counts = events.count(log)
     failing = [e["step"] for e in log if e["skipped"] or not e["finite"]]
+    diverged = _diverged(log, diverge)
+    first_failure = counts.first_failure
+    if diverged:
+        if not failing or diverged[0] < min(failing):
+            first_failure = f"step {diverged[0]}: loss diverged ({diverged[1]:.3g}, {diverged[2]:.3g}x the first step's)"
+        failing.append(diverged[0])
     ran_all = bool(log) and max(e["step"] for e in log) >= steps - 1
     skips = counts.grad_skips + counts.amp_skips
     return {"run": str(run_dir), "status": manifest.get("status", "missing"), "steps": counts.steps,
             "nan_steps": counts.nonfinite_loss_steps,
-            "skips": skips, "first_fail_step": min(failing) if failing else None,
+            "skips": skips, "diverged_step": diverged[0] if diverged else None,
+            "first_fail_step": min(failing) if failing else None,
             "passed": ran_all and not failing and not manifest.get("status", "").startswith("crashed"),
-            "first_failure": counts.first_failure, "origins": counts.nonfinite_origins,
+            "first_failure": first_failure, "origins": counts.nonfinite_origins,
             "dead": counts.skip_streak, "final_loss": counts.last_loss}
 
 
@@ -109,16 +128,16 @@ def _run_dirs(out: Path, names, lrs, seeds) -> dict:
             for n in names for lr in lrs for s in seeds}
 
 
-def collect(out: Path, names, lrs, seeds, steps: int) -> dict:
+def collect(out: Path, names, lrs, seeds, steps: int, diverge: float = DIVERGE) -> dict:
     """The outcomes by cell, ``cells[(variant, lr)]`` = one dict per seed, from what is on disk."""
     cells = {}
     for (name, lr, seed), run_dir in _run_dirs(out, names, lrs, seeds).items():
-        cells.setdefault((name, lr), []).append({"seed": seed, **outcome(run_dir, steps)})
+        cells.setdefault((name, lr), []).append({"seed": seed, **outcome(run_dir, steps, diverge)})
     return cells
 
 
 def run_grid(target: str, out: Path, names, lrs, seeds, steps: int, dead: int, jobs: int = 2, extra=(),
-             upstream=None, launch=_one) -> dict:
+             upstream=None, launch=_one, diverge: float = DIVERGE) -> dict:
     """Every (variant, lr, seed) run not finished yet, ``jobs`` at a time; returns the outcomes by cell."""
     from tqdm import tqdm
 
@@ -140,16 +159,17 @@ def run_grid(target: str, out: Path, names, lrs, seeds, steps: int, dead: int, j
     print(f"{len(where) - len(todo)} of {len(where)} runs already finished; running {len(todo)}", file=sys.stderr)
     with ThreadPoolExecutor(max(1, jobs)) as pool:
         list(tqdm(pool.map(launch, todo), total=len(todo), desc=f"stability margin ({target})", file=sys.stderr))
-    return collect(out, names, lrs, seeds, steps)
+    return collect(out, names, lrs, seeds, steps, diverge)
 
 
 def _cell_text(runs: list) -> str:
     failed = sum(not r["passed"] for r in runs)
     nan, skips = sum(r["nan_steps"] for r in runs), sum(r["skips"] for r in runs)
+    diverged = sum(r.get("diverged_step") is not None for r in runs)
     first = [r["first_fail_step"] for r in runs if r["first_fail_step"] is not None]
     text = f"{failed}/{len(runs)}"
     if failed:
-        text += f" ({nan} NaN, {skips} skips; first at {min(first) if first else '-'})"
+        text += f" ({nan} NaN, {skips} skips{f', {diverged} diverged' if diverged else ''}; first at {min(first) if first else '-'})"
     return text
 
 
@@ -218,6 +238,8 @@ def main(argv=None) -> int:
     parser.add_argument("--seeds", help="comma-separated seeds")
     parser.add_argument("--steps", type=int, help="steps per run")
     parser.add_argument("--dead", type=int, help="stop a run once this many steps in a row had no update")
+    parser.add_argument("--diverge", type=float, default=DIVERGE,
+                        help="a finite loss above this many times the first step's fails the run (default 10)")
     parser.add_argument("--jobs", type=int, default=2, help="runs at once, one thread each")
     parser.add_argument("--upstream", help="the clone (default: $VAEPATCH_<TARGET>, then third_party/<target>)")
     parser.add_argument("--report-only", action="store_true", help="only read OUT/runs and write the tables")
@@ -232,8 +254,8 @@ def main(argv=None) -> int:
         seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     except ValueError as err:
         parser.error(str(err))
-    if args.steps < 1 or args.dead < 1 or not seeds or "vanilla" not in names:
-        parser.error("need --steps >= 1, --dead >= 1, at least one seed, and vanilla among the variants")
+    if args.steps < 1 or args.dead < 1 or not seeds or "vanilla" not in names or not args.diverge > 1:
+        parser.error("need --steps >= 1, --dead >= 1, --diverge > 1, at least one seed, and vanilla among the variants")
     from vaepatch import upstream
 
     try:
@@ -246,17 +268,19 @@ def main(argv=None) -> int:
         return 2
     started = time.perf_counter()
     if args.report_only:
-        cells = collect(out, names, lrs, seeds, args.steps)
+        cells = collect(out, names, lrs, seeds, args.steps, args.diverge)
     else:
-        cells = run_grid(args.target, out, names, lrs, seeds, args.steps, args.dead, args.jobs, extra, args.upstream)
+        cells = run_grid(args.target, out, names, lrs, seeds, args.steps, args.dead, args.jobs, extra, args.upstream,
+                         diverge=args.diverge)
     result = margins(cells, lrs, names)
     title = (f"{args.target} tiny, CPU: failed seeds / {len(seeds)} per variant x lr, {args.steps} steps "
-             f"(fail = any non-finite loss or skipped update)")
+             f"(fail = any non-finite loss, skipped update, or loss above {args.diverge:g}x the first step's)")
     lines = table_lines(cells, result, lrs, names)
     broke = broke_lines(cells, result)
     print("\n".join(["", title, ""] + lines + ["", "What broke at each variant's first failing rate:"] + broke))
     out.mkdir(parents=True, exist_ok=True)
     meta = dict(target=args.target, lrs=lrs, variants=names, seeds=seeds, steps=args.steps, dead=args.dead,
+                diverge=args.diverge,
                 extra=extra, wall_seconds=time.perf_counter() - started)
     (out / "margin.json").write_text(json.dumps(
         {"meta": meta, "margins": result,
