@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from vaepatch.models import MLPHierarchy, count_active
-from vaepatch.models.mlp_hierarchy import binarize, train
+from vaepatch.models.mlp_hierarchy import binarize
+from vaepatch.models.mlp_training import train
 from vaepatch.variant import OU
 
 SMALL = dict(x_dim=30, latents=(6, 5, 4), hidden=24)
