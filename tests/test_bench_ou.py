@@ -186,3 +186,15 @@ def test_kl_warmup_scales_only_the_kl_in_the_training_loss():
     assert torch.equal(full["elbo"], warm["elbo"])  # the reported ELBO is the true one
     assert float(full["loss"].detach()) == pytest.approx(float(-full["elbo"]), rel=1e-6)
     assert float(warm["loss"].detach()) == pytest.approx(float(full["recon"] + 0.25 * full["kl_per_layer"].sum()), rel=1e-5)
+
+
+def test_phase_passes_warmup_and_init_to_every_run(mnist_like, tmp_path):
+    found = []
+    for extra in ([], ["--warmup", "1000"], ["--init", "glorot"]):
+        out = tmp_path / f"phase{len(found)}"
+        assert ou_phase.main(["--quick", "--data", str(mnist_like), "--out", str(out), "--rhos", "0.5,1.0",
+                              "--seeds", "1", *TINY, *extra]) == 0
+        found.append(json.loads((out / "ou_phase.json").read_text()))
+    plain, warm, glorot = ([r["kl_per_layer"] for r in doc["runs"]] for doc in found)
+    assert plain != warm and plain != glorot
+    assert found[1]["meta"]["warmup"] == 1000 and found[2]["meta"]["init"] == "glorot"
