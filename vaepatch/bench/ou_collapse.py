@@ -136,7 +136,7 @@ def plot_along(runs: list, layers: int, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(2, layers, figsize=(3.2 * layers, 5.5), squeeze=False, sharex=True)
+    fig, axes = plt.subplots(2, layers, figsize=(3.2 * layers, 5.5), squeeze=False, sharex=True, sharey="row")
     configs = list(dict.fromkeys(r["config"] for r in runs))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for r in runs:
@@ -152,8 +152,10 @@ def plot_along(runs: list, layers: int, path: Path) -> None:
                 axes[1, i].plot(steps, [e["active_paper"][i] for e in evals], color=c)
     for i in range(layers):
         axes[0, i].set_title(f"z{i + 1}")
-        axes[0, i].set_yscale("symlog", linthresh=0.1)
         axes[1, i].set_xlabel("training step")
+    axes[0, 0].set_yscale("symlog", linthresh=0.1)  # shared by the row: 0.01 nats and 15 nats both readable
+    axes[0, 0].set_ylim(bottom=0)
+    axes[1, 0].set_ylim(bottom=0)
     axes[0, 0].set_ylabel("KL (nats, validation)")
     axes[1, 0].set_ylabel("active units")
     axes[0, 0].legend(fontsize=7)
