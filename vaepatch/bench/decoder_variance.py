@@ -193,7 +193,7 @@ def train_run(config: RunConfig, train_levels: torch.Tensor, val_levels: torch.T
 
 QUICK = {"mu": "sigmoid", "scales": f"naive_exp;bounded({ALPHA}, 1)", "lrs": "1e-3", "seeds": 1, "epochs": 2}
 DEFAULTS = {"mu": ",".join(MUS), "scales": ";".join(SCALES), "lrs": ",".join(f"{lr:g}" for lr in LRS),
-            "seeds": 3, "epochs": 60}
+            "seeds": 3, "epochs": 100}
 
 
 def _split_specs(text):
