@@ -14,6 +14,7 @@ import torch
 
 from vaepatch import gaussian, mnist, scales
 from vaepatch.bench import decoder_variance as dv
+from vaepatch.bench import paper_tables
 
 REPO = Path(__file__).resolve().parents[1]
 REAL_MNIST = Path(os.environ.get(dv.ENV) or REPO.parent / "shared" / "data" / "mnist_test10k.npz")
@@ -98,13 +99,15 @@ def test_split_is_fixed_and_disjoint():
     ids = np.arange(10000)
     images = np.zeros((10000, 28, 28), np.uint8)
     images[:, 0, 0], images[:, 0, 1] = ids // 256, ids % 256  # each image carries its index
-    train, test = dv.split(images)
-    assert (len(train), len(test)) == (9000, 1000)
-    tag = lambda a: a[:, 0, 0].astype(int) * 256 + a[:, 0, 1]
-    assert set(tag(train)).isdisjoint(tag(test)) and len(set(tag(train)) | set(tag(test))) == 10000
-    train2, test2 = dv.split(images)
-    np.testing.assert_array_equal(tag(test), tag(test2))
-    assert not np.array_equal(np.sort(tag(test)), np.arange(9000, 10000))  # shuffled, not the tail
+    parts = dv.split(images)
+    assert [len(p) for p in parts] == [8000, 1000, 1000]
+    tag = lambda a: set(a[:, 0, 0].astype(int) * 256 + a[:, 0, 1])
+    train, val, test = map(tag, parts)
+    assert not (train & val or train & test or val & test) and len(train | val | test) == 10000
+    assert tag(dv.split(images)[2]) == test and tag(dv.split(images)[1]) == val  # fixed
+    assert test != set(range(9000, 10000))  # shuffled, not the tail
+    with pytest.raises(ValueError, match="at least 3 images"):
+        dv.split(images[:2])
 
 
 def test_split_spec_list():
@@ -153,84 +156,159 @@ def test_bits_per_dim_bounds_the_discrete_codelength():
 def _tiny_data(n=300, seed=0):
     images = _images(n, seed)
     images[:, :, :6] = 0  # some flat background, as in MNIST
-    train, test = dv.split(images)
-    return dv._levels(train), dv._levels(test)
+    return [dv._levels(p) for p in dv.split(images)]
 
 
 def test_one_epoch_is_deterministic_per_seed():
-    train, test = _tiny_data()
+    data = _tiny_data()
     cfg = dv.RunConfig("sigmoid", "bounded(1/(256*sqrt(12)), 1)", 1e-3, seed=3, epochs=1, batch_size=64)
     runs, states = [], []
     for c in (cfg, cfg, dv.RunConfig(**{**cfg.__dict__, "seed": 4})):
         torch.manual_seed(c.seed)
         model = dv.VAE(c.mu, c.scale)
-        runs.append(dv.train_run(c, train, test, model=model))
+        runs.append(dv.train_run(c, *data, model=model))
         states.append(model.state_dict())
     a, b, other = runs
-    assert not a["failed"] and a["epochs_trained"] == 1 and math.isfinite(a["test_bpd"])
-    assert a["train_bpd"] == b["train_bpd"] and a["test_bpd"] == b["test_bpd"]
+    assert not a["failed"] and a["epochs_trained"] == 1 and math.isfinite(a["test_bpd"]) and a["best_epoch"] == 1
+    assert a["train_bpd"] == b["train_bpd"] and a["test_bpd"] == b["test_bpd"] and a["val_bpd"] == b["val_bpd"]
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
     assert other["train_bpd"] != a["train_bpd"]
     assert not torch.equal(states[0]["decoder.2.weight"], states[2]["decoder.2.weight"])
     assert a["test_bpd"] == pytest.approx(dv.bits_per_dim(a["test_nelbo"]))
 
 
-def _forced(scale, raw=-200.0):
-    """A model whose decoded raw scale parameter starts at ~raw: exp(raw) underflows in float32."""
+class _Spy(dv.VAE):
+    """Records every input the training steps see (evaluation runs without gradients)."""
+
+    def forward(self, x, eps=None):
+        if torch.is_grad_enabled():
+            self.seen.append(x.detach().clone())
+        return super().forward(x, eps)
+
+
+@pytest.mark.parametrize("noise", [False, True])
+def test_training_sees_the_levels_as_given_unless_asked_for_noise(noise):
+    train, val, test = _tiny_data()
+    cfg = dv.RunConfig("sigmoid", "exp", 1e-3, seed=0, epochs=1, batch_size=64, train_noise=noise)
+    torch.manual_seed(0)
+    spy = _Spy(cfg.mu, cfg.scale)
+    spy.seen = []
+    dv.train_run(cfg, train, val, test, model=spy)
+    seen = torch.cat(spy.seen)
+    assert seen.shape == train.shape
+    k = torch.floor(seen * 256)
+    # every row is one training image's levels, in the bin [k, k + 1) / 256 ...
+    assert sorted(map(tuple, k.tolist())) == sorted(map(tuple, train.tolist()))
+    # ... exactly at its left edge without noise (the paper's protocol), inside the bin with it
+    assert torch.equal(seen * 256 == k, torch.ones_like(seen, dtype=torch.bool)) != noise
+
+
+def test_without_noise_constant_pixels_let_gamma_run_off_and_with_noise_they_do_not():
+    """The mechanism of the paper's Table 3: the flat background has no spread for gamma to fit."""
+    data = _tiny_data(400)
+    clean = dv.train_run(dv.RunConfig("sigmoid", "exp", 1e-2, 0, 10, 64), *data)
+    noisy = dv.train_run(dv.RunConfig("sigmoid", "exp", 1e-2, 0, 10, 64, train_noise=True), *data)
+    assert clean["failed"] and min(clean["min_log_scale"]) < -100
+    assert not noisy["failed"] and noisy["epochs_trained"] == 10 and min(noisy["min_log_scale"]) > -40
+
+
+def _flat_model(scale):
+    """A sigmoid-mu model whose mean is exactly 0 (pre-activation -120) and decoded raw scale -100 on
+    every pixel: an all-black image is fitted exactly, and gamma = exp(-100) is below float32's
+    normal range (log tiny = -87.3)."""
     torch.manual_seed(0)
     model = dv.VAE("sigmoid", scale)
     with torch.no_grad():
-        model.decoder[-1].bias[dv.PIXELS:] = raw
+        model.decoder[-1].weight.zero_()
+        model.decoder[-1].bias[:dv.PIXELS] = -120.0
+        model.decoder[-1].bias[dv.PIXELS:] = -100.0
     return model
 
 
-def test_nan_is_detected_and_recorded():
-    train, test = _tiny_data()
-    cfg = dv.RunConfig("sigmoid", "naive_exp", 1e-3, seed=0, epochs=3, batch_size=64)
-    r = dv.train_run(cfg, train, test, model=_forced("naive_exp"))
-    assert r["failed"] and r["fail_epoch"] == 1 and r["fail_step"] == 1
-    assert r["fail_value"] in ("nan", "inf", "-inf") and r["epochs_trained"] == 0
-    assert r["test_bpd"] is None and r["train_bpd"] == []
-    # the same forced parameter with a bounded scale: sigma = alpha, finite throughout
-    cfg_b = dv.RunConfig("sigmoid", "bounded(1/(256*sqrt(12)), 1)", 1e-3, seed=0, epochs=1, batch_size=64)
-    rb = dv.train_run(cfg_b, train, test, model=_forced(cfg_b.scale))
-    assert not rb["failed"] and rb["epochs_trained"] == 1 and math.isfinite(rb["test_bpd"])
+def test_degenerate_rule_on_a_flat_image():
+    """exp keeps the loss finite below the underflow (degenerate), naive_exp turns NaN once exp(p) is 0,
+    a lower-bounded scale cannot degenerate."""
+    black = torch.zeros(30, dv.PIXELS)
+    data = (black, black[:10], black[:10])
+    cfg = dict(mu="sigmoid", lr=1.0, seed=0, epochs=3, batch_size=10)
+    exact = dv.train_run(dv.RunConfig(scale="exp", **cfg), *data, model=_flat_model("exp"))
+    assert exact["failure"] == "degenerate" and exact["failed"]
+    assert (exact["fail_epoch"], exact["fail_step"], exact["degenerate_step"]) == (1, 1, 1)
+    assert exact["epochs_trained"] == 3 and all(math.isfinite(v) for v in exact["train_bpd"])  # trained on
+    assert exact["min_log_scale"][0] <= -100 and exact["min_log_scale"][-1] < exact["min_log_scale"][0]
+    assert exact["below_floor_epoch"] == 1  # -100 nats per pixel: far under what gamma >= alpha allows
+    naive = dv.train_run(dv.RunConfig(scale="naive_exp", **cfg), *data, model=_flat_model("naive_exp"))
+    assert naive["failure"] == "nan" and naive["degenerate_step"] == 1 and naive["fail_step"] > 1
+    assert naive["test_bpd"] is None
+    bounded = f"downbounded({dv.ALPHA})"
+    safe = dv.train_run(dv.RunConfig(scale=bounded, **cfg), *data, model=_flat_model(bounded))
+    assert not safe["failed"] and safe["degenerate_step"] is None and safe["below_floor_epoch"] is None
+    assert min(safe["min_log_scale"]) >= math.log(scales.PIXEL_ALPHA) - 1e-5
 
 
-def test_nan_in_a_later_epoch_records_that_epoch():
-    train, test = _tiny_data()
-    cfg = dv.RunConfig("identity", "naive_exp", 1e-3, seed=0, epochs=4, batch_size=64)
-    torch.manual_seed(cfg.seed)
-    model = dv.VAE(cfg.mu, cfg.scale)
-
-    def sabotage(epoch):  # after epoch 2, push the raw scale parameter where exp underflows
-        if epoch == 2:
-            with torch.no_grad():
-                model.decoder[-1].bias[dv.PIXELS:] = -200.0
-
-    r = dv.train_run(cfg, train, test, model=model, on_epoch=sabotage)
-    steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
-    assert r["failed"] and r["fail_epoch"] == 3 and r["fail_step"] == 2 * steps_per_epoch + 1
-    assert r["epochs_trained"] == 2 and len(r["train_bpd"]) == 2
+def test_loss_floor_is_the_bounded_minimum():
+    x = torch.rand(3, dv.PIXELS)
+    log_alpha = torch.full_like(x, math.log(scales.PIXEL_ALPHA))
+    best = -gaussian.log_prob(x, x, log_alpha).sum(1)  # mu = x exactly, gamma = alpha, KL = 0
+    assert torch.allclose(best.double(), torch.full((3,), dv.LOSS_FLOOR, dtype=torch.float64))
+    assert dv.LOSS_FLOOR == pytest.approx(-4601.05, abs=0.01)
+    assert dv.UNDERFLOW_LOG == pytest.approx(-87.336, abs=1e-3)
+    assert torch.exp(torch.tensor(dv.UNDERFLOW_LOG - 0.01)) < torch.finfo(torch.float32).tiny
 
 
-def test_summarize_counts_failures_per_cell():
-    base = {"mu": "sigmoid", "scale": "naive_exp", "lr": 1e-3}
-    runs = [{**base, "failed": True, "fail_epoch": 9, "test_bpd": None},
-            {**base, "failed": True, "fail_epoch": 4, "test_bpd": None},
-            {**base, "failed": False, "fail_epoch": None, "test_bpd": 2.0},
-            {**base, "scale": "exp", "failed": False, "fail_epoch": None, "test_bpd": 1.0},
-            {**base, "scale": "exp", "failed": False, "fail_epoch": None, "test_bpd": 3.0}]
+def test_global_scale_is_one_parameter_for_every_pixel():
+    torch.manual_seed(0)
+    model = dv.VAE("identity", "global:naive_exp")
+    assert model.spec == "global:naive_exp" and model.raw_global.shape == ()
+    assert model.decoder[-1].out_features == dv.PIXELS
+    x = torch.rand(4, dv.PIXELS)
+    eps = torch.randn(4, dv.LATENT)
+    with torch.no_grad():
+        model.raw_global.fill_(-2.0)
+        nelbo, log_scale = model(x, eps)
+    assert log_scale.shape == () and float(log_scale) == pytest.approx(-2.0)
+    # the same as a per-pixel model whose every pixel has raw scale -2
+    z = model.encoder(x).chunk(2, 1)
+    ref = dv.VAE("identity", "naive_exp")
+    ref.encoder.load_state_dict(model.encoder.state_dict())
+    with torch.no_grad():
+        ref.decoder[0].load_state_dict(model.decoder[0].state_dict())
+        ref.decoder[2].weight.zero_()
+        ref.decoder[2].weight[:dv.PIXELS] = model.decoder[2].weight
+        ref.decoder[2].bias[:dv.PIXELS] = model.decoder[2].bias
+        ref.decoder[2].bias[dv.PIXELS:] = -2.0
+        torch.testing.assert_close(ref(x, eps)[0], nelbo)
+    assert z is not None
+    with pytest.raises(ValueError, match="unknown"):
+        dv.scale_spec("global:expp")
+
+
+def test_summarize_counts_each_kind_of_failure_once():
+    base = {"mu": "sigmoid", "scale": "naive_exp", "lr": 1e-4, "below_floor_epoch": None, "best_epoch": 5}
+    runs = [{**base, "failure": "nan", "failed": True, "fail_epoch": 9, "test_bpd": None, "below_floor_epoch": 4},
+            {**base, "failure": "nan", "failed": True, "fail_epoch": 13, "test_bpd": None},
+            {**base, "failure": "degenerate", "failed": True, "fail_epoch": 7, "test_bpd": None},
+            {**base, "failure": None, "failed": False, "fail_epoch": None, "test_bpd": 2.0},
+            {**base, "scale": "exp", "failure": None, "failed": False, "fail_epoch": None, "test_bpd": 1.0},
+            {**base, "scale": "exp", "failure": None, "failed": False, "fail_epoch": None, "test_bpd": 3.0}]
     rows = {r["scale"]: r for r in dv.summarize(runs)}
-    assert rows["naive_exp"]["failed"] == 2 and rows["naive_exp"]["seeds"] == 3
-    assert (rows["naive_exp"]["fail_epoch_min"], rows["naive_exp"]["fail_epoch_max"]) == (4, 9)
-    assert rows["naive_exp"]["test_bpd_mean"] == 2.0 and rows["naive_exp"]["finite"] == 1
-    assert rows["exp"]["failed"] == 0 and rows["exp"]["test_bpd_mean"] == 2.0
-    assert rows["exp"]["test_bpd_std"] == pytest.approx(math.sqrt(2))
+    naive = rows["naive_exp"]
+    assert (naive["nan"], naive["degenerate"], naive["failed"], naive["sound"], naive["seeds"]) == (2, 1, 3, 1, 4)
+    assert naive["test_bpd_mean"] == 2.0 and naive["below_floor"] == 1
+    assert rows["exp"]["failed"] == 0 and rows["exp"]["test_bpd_std"] == pytest.approx(math.sqrt(2))
     lines = dv.table_lines(dv.summarize(runs))
-    assert "| sigmoid | naive_exp | 0.001 | 2/3 | 4-9 | 2.000 (n=1) |" in lines
-    assert "| sigmoid | exp | 0.001 | 0/2 | - | 2.000 ± 1.414 (n=2) |" in lines
+    assert "| sigmoid | naive_exp | 0.0001 | 2/4 (9-13) | 1/4 (7) | 1/4 (4) | 2.00 (n=1) | 100% NaN |" in lines
+    assert "| sigmoid | exp | 0.0001 | 0/2 | 0/2 | 0/2 | 2.00 ± 1.41 (n=2) | 100% NaN |" in lines
     assert dv.label(scales.get(f"bounded({dv.ALPHA}, 1)").spec) == "bounded(α, 1)"
+
+
+def test_paper_column_names_every_row_of_table3():
+    for spec in dv.SCALES:
+        for mu in dv.MUS:
+            assert paper_tables.table3(dv.scale_spec(spec), mu), (spec, mu)
+    assert paper_tables.table3(dv.scale_spec(f"bounded({dv.ALPHA}, 1)"), "sigmoid") == "4.56 ± 0.05"
+    assert paper_tables.table3("global:naive_exp", "identity") == "6.67 ± 0.004"
+    assert paper_tables.table3("softplus", "identity") == ""
 
 
 # ---------------------------------------------------------------- CLI
@@ -249,12 +327,14 @@ def _check_outputs(out, stdout):
     for row in cells:
         line = dv.row_line(row)
         assert line in md.splitlines() and line in stdout.splitlines()
-        assert f"| {row['failed']}/{row['seeds']} |" in line
+        assert f"| {row['nan']}/{row['seeds']}" in line and f"| {row['degenerate']}/{row['seeds']}" in line
         if row["test_bpd_mean"] is not None:
-            assert f"{row['test_bpd_mean']:.3f}" in line
+            assert f"{row['test_bpd_mean']:.2f}" in line
+        assert line.endswith(f"| {paper_tables.table3(row['scale'], row['mu'])} |")
     png = (out / "decoder_variance.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
-    assert "s/epoch" in stdout and "2106.13739" in stdout
+    assert "s/epoch" in stdout and "paper: Dehaene & Brossard Table 3" in stdout
+    assert "without noise (the paper's protocol)" in stdout and doc["meta"]["train_noise"] is False
 
 
 def test_quick_cli_writes_consistent_outputs(tmp_path, capsys):
@@ -262,7 +342,7 @@ def test_quick_cli_writes_consistent_outputs(tmp_path, capsys):
     out = tmp_path / "out"
     assert dv.main(["--quick", "--data", str(tmp_path / "small.npz"), "--out", str(out)]) == 0
     stdout = capsys.readouterr().out
-    assert "400 images -> 360 train / 40 test" in stdout
+    assert "400 images -> 320 train / 40 validation / 40 test" in stdout
     _check_outputs(out, stdout)
 
 

@@ -116,3 +116,85 @@ def test_counted_flops_count_a_grouped_convolution_backward_as_twice_its_forward
     assert ou_cost.counted_flops(lambda: conv(x).sum().backward()) == 3 * forward
     x.requires_grad_(False)  # first layer: no input gradient, only the weight's
     assert ou_cost.counted_flops(lambda: conv(x).sum().backward()) == 2 * forward
+
+
+RESUMABLE = ["--seeds", "1", "--rhos", "0.9", "--passes", "3", "--eval-every", "2", "--checkpoint-every", "2", *TINY,
+             "--steps", "7"]
+TIMES = ("train_seconds", "eval_seconds")
+
+
+def _numbers(out):
+    """Every run's numbers in the JSON, wall times left out."""
+    runs = json.loads((out / "ou_collapse.json").read_text())["runs"]
+    for r in runs:
+        for key in TIMES:
+            r.pop(key)
+        for e in r["evals"]:
+            e.pop("train_seconds")
+    return runs
+
+
+def test_ou_collapse_resumed_after_an_interruption_gives_the_uninterrupted_numbers(mnist_like, tmp_path, monkeypatch,
+                                                                                   capsys):
+    full, part = tmp_path / "full", tmp_path / "part"
+    assert ou_collapse.main(["--data", str(mnist_like), "--out", str(full), *RESUMABLE]) == 0
+    calls, forward = [], MLPHierarchy.forward
+
+    def interrupted(self, x, beta=1.0):  # the 6th training step of the first run (vanilla) never returns
+        calls.append(1)
+        if len(calls) == 6:
+            raise KeyboardInterrupt
+        return forward(self, x, beta)
+
+    monkeypatch.setattr(MLPHierarchy, "forward", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        ou_collapse.main(["--data", str(mnist_like), "--out", str(part), *RESUMABLE])
+    monkeypatch.undo()
+    [saved] = (part / "checkpoints").glob("*.pt")
+    assert saved.name == "vanilla-seed0.pt" and torch.load(saved, weights_only=False)["step"] == 4
+    capsys.readouterr()
+    assert ou_collapse.main(["--data", str(mnist_like), "--out", str(part), *RESUMABLE]) == 2  # not without --resume
+    assert "--resume" in capsys.readouterr().err
+    assert ou_collapse.main(["--data", str(mnist_like), "--out", str(part), *RESUMABLE, "--lr", "0.01", "--resume"]) == 2
+    assert "other settings" in capsys.readouterr().err
+    assert ou_collapse.main(["--data", str(mnist_like), "--out", str(part), *RESUMABLE, "--resume"]) == 0
+    resumed, uninterrupted = _numbers(part), _numbers(full)
+    assert resumed == uninterrupted
+    assert [e["step"] for e in resumed[0]["evals"]] == [2, 4, 6, 7] and resumed[0]["steps_done"] == 7
+    assert len(resumed[0]["evals"][0]["active_paper"]) == 2
+    assert (part / "ou_collapse_training.png").stat().st_size > 1000
+    assert "Along training" in capsys.readouterr().out
+
+
+def test_ou_collapse_prints_the_papers_table1_beside_ours(mnist_like, tmp_path, capsys):
+    assert ou_collapse.main(["--data", str(mnist_like), "--out", str(tmp_path / "o"), "--seeds", "1", "--rhos", "",
+                             "--passes", "3", *TINY]) == 0
+    text = capsys.readouterr().out
+    assert "paper OU-VAE rho=0.95" in text and "40-40-40-40" in text and "-84.4" in text and "1M" in text
+    assert "ours vanilla" in text
+
+
+def test_kl_warmup_scales_only_the_kl_in_the_training_loss():
+    torch.manual_seed(0)
+    model = MLPHierarchy(x_dim=20, latents=(5, 4), hidden=16)
+    x = torch.bernoulli(torch.full((8, 20), 0.3))
+    outs = []
+    for beta in (1.0, 0.25):
+        torch.manual_seed(1)
+        outs.append(model(x, beta=beta))
+    full, warm = outs
+    assert torch.equal(full["elbo"], warm["elbo"])  # the reported ELBO is the true one
+    assert float(full["loss"].detach()) == pytest.approx(float(-full["elbo"]), rel=1e-6)
+    assert float(warm["loss"].detach()) == pytest.approx(float(full["recon"] + 0.25 * full["kl_per_layer"].sum()), rel=1e-5)
+
+
+def test_phase_passes_warmup_and_init_to_every_run(mnist_like, tmp_path):
+    found = []
+    for extra in ([], ["--warmup", "1000"], ["--init", "glorot"]):
+        out = tmp_path / f"phase{len(found)}"
+        assert ou_phase.main(["--quick", "--data", str(mnist_like), "--out", str(out), "--rhos", "0.5,1.0",
+                              "--seeds", "1", *TINY, *extra]) == 0
+        found.append(json.loads((out / "ou_phase.json").read_text()))
+    plain, warm, glorot = ([r["kl_per_layer"] for r in doc["runs"]] for doc in found)
+    assert plain != warm and plain != glorot
+    assert found[1]["meta"]["warmup"] == 1000 and found[2]["meta"]["init"] == "glorot"

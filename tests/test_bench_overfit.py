@@ -5,7 +5,7 @@ import re
 import pytest
 import torch
 
-from vaepatch.bench import overfit
+from vaepatch.bench import overfit, paper_tables
 
 
 def test_model_shapes_and_raw_pixel_data():
@@ -79,7 +79,8 @@ def _md_cells(text):
             if header is None:
                 header = parts[1:]
             else:
-                cells.update({(lr, parts[0], d): tuple(map(int, v.split("/"))) for d, v in zip(header, parts[1:])})
+                cells.update({(lr, parts[0], d): tuple(map(int, v.split(" ")[0].split("/")))
+                              for d, v in zip(header, parts[1:])})
     return cells
 
 
@@ -100,7 +101,12 @@ def test_quick_grid_outputs_agree(tmp_path, capsys):
     assert cells == {(0.006, r["encoder"], r["decoder"]): (int(r["failed"]), 1) for r in runs}
     for (lr, encoder, decoder), (failed, n) in cells.items():
         assert re.search(rf"^{encoder} .*{failed}/{n}", printed, re.M)
-    assert "paper's Table 2" in printed and "ms/step" in printed
+    assert "Table 2" in printed and "ms/step" in printed and "20,000 batches of 512" in printed
+    # the paper's count stands beside ours: Table 2 has 2/10 failed for exp / bounded at lr 0.006
+    md = (out / "overfit.md").read_text()
+    assert re.search(r"^\| exp \| \d/1 \(2/10\) \| \d/1 \(6/10\) \|$", md, re.M)
+    assert re.search(r"^\| explin \| \d/1 \(0/10\) \| \d/1 \(0/10\) \|$", md, re.M)
+    assert report["settings"]["batch"] == 64
     # a run in a worker process is the same run as in this one
     exp_bounded = next(r for r in runs if (r["encoder"], r["decoder"]) == ("exp", "bounded"))
     assert overfit.train_one("exp", "bounded", 0.006, 0, 3).final_loss == exp_bounded["final_loss"]
@@ -112,3 +118,22 @@ def test_bad_scale_name_is_a_usage_error(tmp_path):
     with pytest.raises(SystemExit) as e:
         overfit.main(["--encoders", "expp", "--out", str(tmp_path)])
     assert e.value.code == 2
+
+
+def test_batch_flag_reaches_every_run(tmp_path):
+    out = tmp_path / "grid"
+    assert overfit.main(["--steps", "2", "--seeds", "1", "--lrs", "0.008", "--encoders", "explin", "--decoders",
+                         "bounded", "--batch", "5", "--jobs", "1", "--out", str(out)]) == 0
+    report = json.loads((out / "overfit.json").read_text())
+    assert report["settings"]["batch"] == 5
+    [run] = report["runs"]
+    assert run["final_loss"] == overfit.train_one("explin", "bounded", 0.008, 0, 2, batch=5).final_loss
+    assert run["final_loss"] != overfit.train_one("explin", "bounded", 0.008, 0, 2, batch=6).final_loss
+
+
+def test_paper_table2_has_every_cell_of_the_default_grid():
+    for lr in overfit.LRS:
+        for e in overfit.ENCODERS:
+            for d in overfit.DECODERS:
+                assert re.fullmatch(r"\d+/10", paper_tables.table2(lr, e, d)), (lr, e, d)
+    assert paper_tables.table2(0.008, "exp", "exp") == "7/10" and paper_tables.table2(0.005, "exp", "exp") == ""

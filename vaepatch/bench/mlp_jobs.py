@@ -16,11 +16,12 @@ import torch
 
 from vaepatch.mnist import ENV, load_mnist
 from vaepatch.mnist import resolve as resolve_data
-from vaepatch.models.mlp_hierarchy import MLPHierarchy, binarize, train
+from vaepatch.models.mlp_hierarchy import INITS, MLPHierarchy, binarize
+from vaepatch.models.mlp_training import train
 from vaepatch.variant import OU, Variant
 
 __all__ = ["ENV", "resolve_data", "load_images", "load_data", "split", "validation_set", "config_variant",
-           "run_one", "run_jobs", "add_training_args"]
+           "fingerprint", "measure", "run_one", "run_jobs", "add_training_args"]
 
 
 def load_images(path) -> np.ndarray:
@@ -62,35 +63,70 @@ def config_variant(base: str, rho: float | None, samples: int) -> Variant:
     return replace(variant, ou=None if rho is None else OU(float(rho), int(samples)))
 
 
+FINGERPRINT_KEYS = ("config", "rho", "samples", "seed", "base", "latents", "batch", "lr", "warmup", "init",
+                    "eval_every", "eval_k", "eval_passes", "threshold")
+
+
+def fingerprint(job: dict) -> dict:
+    """What a checkpoint must agree on to be resumed: every setting but the step budget, and the data."""
+    out = {key: job.get(key) for key in FINGERPRINT_KEYS}
+    out.update(latents=list(job["latents"]), train=[len(job["train"]), int(np.asarray(job["train"]).sum())],
+               val=[len(job["val"]), int(job["val"].sum())])
+    return out
+
+
+def measure(model: MLPHierarchy, val: torch.Tensor, k: int, passes: int, threshold: float) -> dict:
+    """Validation ELBO, L_k, KL per layer and (with passes >= 2) active units of the unsmoothed model."""
+    ev = model.evaluate(val, k=k)
+    out = dict(elbo=ev["elbo"], iw_bound=ev["iw_bound"], k=ev["k"], kl_per_layer=ev["kl_per_layer"],
+               top_kl=ev["kl_per_layer"][-1], recon=ev["recon"])
+    if passes:
+        au = model.active_units(val, passes=passes, threshold=threshold)
+        out.update(active_paper=au["paper"], active_corrected=au["corrected"], passes=au["passes"],
+                   paper_variance=[v.tolist() for v in au["paper_variance"]],
+                   corrected_variance=[v.tolist() for v in au["corrected_variance"]])
+    return out
+
+
 def run_one(job: dict, progress_queue=None) -> dict:
-    """Train one model and measure it (unsmoothed): the per-run numbers that go to the JSON."""
+    """Train one model and measure it (unsmoothed): the per-run numbers that go to the JSON.
+
+    Optional job keys: ``warmup`` (KL annealing steps), ``init`` (MLPHierarchy's), ``eval_every`` with
+    ``eval_k`` / ``eval_passes`` (measurements along training, on the seed-fixed stream), and
+    ``checkpoint`` with ``checkpoint_every`` (resumable training, see ``mlp_training.train``).
+    """
     torch.set_num_threads(job.get("threads", 1))
     torch.manual_seed(job["seed"])
     variant = config_variant(job["base"], job["rho"], job["samples"])
-    model = MLPHierarchy(x_dim=job["train"].shape[1], latents=job["latents"], variant=variant)
+    model = MLPHierarchy(x_dim=job["train"].shape[1], latents=job["latents"], variant=variant,
+                         init=job.get("init", "default"))
     progress = (lambda n: progress_queue.put(n)) if progress_queue is not None else job.get("progress")
+    val, threshold = job["val"], job["threshold"]
+
+    def along(step, m):
+        torch.manual_seed(20_000 + job["seed"])
+        keep = ("elbo", "kl_per_layer", "active_paper", "active_corrected")
+        found = measure(m, val, job.get("eval_k", 1), job.get("eval_passes", 0), threshold)
+        return {key: found[key] for key in keep if key in found}
+
+    evals = []
     start = time.perf_counter()
     history = train(model, job["train"], job["steps"], batch=job["batch"], lr=job["lr"], seed=job["seed"],
-                    progress=progress)
-    train_seconds = time.perf_counter() - start
+                    progress=progress, warmup=job.get("warmup", 0), evals=evals,
+                    evaluate=along if job.get("eval_every") else None, eval_every=job.get("eval_every", 0),
+                    checkpoint=job.get("checkpoint"), checkpoint_every=job.get("checkpoint_every", 0),
+                    fingerprint=fingerprint(job) if job.get("checkpoint") else None)
+    session = time.perf_counter() - start
     out = dict(config=job["config"], rho=job["rho"], samples=job["samples"] if job["rho"] is not None else None,
                seed=job["seed"], variant=variant.spec, steps_done=history[-1][0] if history else 0,
-               train_seconds=train_seconds, history=history,
+               train_seconds=evals[-1]["train_seconds"] if evals else session, history=history, evals=evals,
                finite=bool(history) and math.isfinite(history[-1][1]))
     if not out["finite"]:
         return out
     model.eval()
     torch.manual_seed(10_000 + job["seed"])
-    val = job["val"]
-    ev = model.evaluate(val, k=job["k"])
-    out.update(elbo=ev["elbo"], iw_bound=ev["iw_bound"], k=ev["k"], kl_per_layer=ev["kl_per_layer"],
-               top_kl=ev["kl_per_layer"][-1], recon=ev["recon"])
-    if job.get("passes"):
-        au = model.active_units(val, passes=job["passes"], threshold=job["threshold"])
-        out.update(active_paper=au["paper"], active_corrected=au["corrected"], passes=au["passes"],
-                   paper_variance=[v.tolist() for v in au["paper_variance"]],
-                   corrected_variance=[v.tolist() for v in au["corrected_variance"]])
-    out["eval_seconds"] = time.perf_counter() - start - train_seconds
+    out.update(measure(model, val, job["k"], job.get("passes", 0), threshold))
+    out["eval_seconds"] = time.perf_counter() - start - session
     return out
 
 
@@ -134,6 +170,9 @@ def add_training_args(parser) -> None:
     parser.add_argument("--latents", default="40,40,40,40")
     parser.add_argument("--batch", type=int, default=100)
     parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--warmup", type=int, default=0, help="KL annealing: KL weight min(1, step / N) (0 = off)")
+    parser.add_argument("--init", default="default", choices=INITS,
+                        help="weight init: torch's Linear default, or Glorot-uniform weights and zero biases")
     parser.add_argument("--n-train", type=int)
     parser.add_argument("--n-val", type=int)
     parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="parallel runs (1 thread each)")

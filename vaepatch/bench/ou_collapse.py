@@ -8,6 +8,11 @@ model: per-layer KL, validation ELBO and L_k, and active units two ways. The pap
 variance over x of the posterior mean from one stochastic pass, > 0.01) also counts units whose
 mean follows the noise of the sampled lower layers without depending on x; the "corrected"
 count removes that Monte-Carlo noise (``vaepatch.models.mlp_hierarchy.count_active``).
+
+Long runs: every --eval-every steps each run measures its per-layer KL, ELBO and active units
+(printed and plotted along training), and every --checkpoint-every steps it saves a checkpoint
+under ``--out/checkpoints``; ``--resume`` continues every run from its checkpoint (a stopped run
+gives the numbers it would have given uninterrupted) and can raise ``--steps`` of finished runs.
 """
 from __future__ import annotations
 
@@ -21,16 +26,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vaepatch.bench import fill_defaults
+from vaepatch.bench import fill_defaults, paper_tables
 from vaepatch.bench.mlp_jobs import ENV, add_training_args, load_data, run_jobs
 from vaepatch.models.mlp_hierarchy import ACTIVE_THRESHOLD
+from vaepatch.models.mlp_training import CheckpointMismatch
 from vaepatch.variant import Variant
 
 __all__ = ["summarize", "table_lines", "plot", "main"]
 
-DEFAULTS = dict(steps=10_000, seeds=2, rhos="0.9,0.95", samples=5, n_train=9000, n_val=1000, k=100, passes=20)
+DEFAULTS = dict(steps=10_000, seeds=2, rhos="0.9,0.95", samples=5, n_train=9000, n_val=1000, k=100, passes=20,
+                eval_every=2000, checkpoint_every=5000)
 # --quick: every table and file, in a few minutes on two shared cores
-QUICK = dict(steps=400, seeds=2, n_val=200, k=20, passes=10)
+QUICK = dict(steps=400, seeds=2, n_val=200, k=20, passes=10, eval_every=200, checkpoint_every=200)
+EVAL_K, EVAL_PASSES = 1, 5  # the measurements along training: one-pass ELBO, active units from 5 passes
 
 
 
@@ -93,6 +101,69 @@ def table_lines(rows: list, layers: int) -> list:
     return lines
 
 
+def paper_lines(rows: list, steps: int, n_train: int) -> list:
+    """Our rows beside the paper's Table 1 (40-40-40-40 models), with what differs."""
+    lines = [f"{'model':28} {'steps':>6} {'val ELBO':>9} {'val L_k':>9} {'KL':>6} {'top KL':>7}  active units z1-z2-z3-z4"]
+    for r in rows:
+        if "kl_per_layer" not in r:
+            continue
+        au = "-".join(f"{m:.0f}" for m, _ in r.get("active_paper", []))
+        lines.append(f"{'ours ' + r['config']:28} {steps:>6} {r['elbo'][0]:9.1f} {r['iw_bound'][0]:9.1f} "
+                     f"{sum(m for m, _ in r['kl_per_layer']):6.1f} {r['top_kl'][0]:7.3g}  {au}")
+    for name, (elbo, kl, top, au) in paper_tables.TABLE1_40x4.items():
+        lines.append(f"{'paper ' + name:28} {'1M':>6} {'':>9} {elbo:9.1f} {kl:6.1f} {top:7.3g}  {'-'.join(map(str, au))}")
+    lines += [f"paper: Pervez & Gavves Table 1 ({paper_tables.TABLE1_PROTOCOL}); ours: {n_train} MNIST test-file "
+              f"images, {steps} steps, validation ELBO and L_k on held-out images of the same file"]
+    return lines
+
+
+def along_lines(runs: list, layers: int) -> list:
+    """Per run, the measurements taken along training (validation, unsmoothed model)."""
+    names = "/".join(f"z{i + 1}" for i in range(layers))
+    lines = [f"{'config':18} {'seed':>4} {'step':>7} {'val ELBO':>9}  {'KL ' + names:30} active units {names}"]
+    for r in runs:
+        for e in r.get("evals", []):
+            au = "/".join(str(v) for v in e.get("active_paper", []))
+            kl = "/".join(f"{v:.2f}" for v in e["kl_per_layer"])
+            lines.append(f"{r['config']:18} {r['seed']:>4} {e['step']:>7} {e['elbo']:9.1f}  {kl:30} {au}")
+    return lines
+
+
+def plot_along(runs: list, layers: int, path: Path) -> None:
+    """KL and active units of every layer against training steps, one line per run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, layers, figsize=(3.2 * layers, 5.5), squeeze=False, sharex=True, sharey="row")
+    configs = list(dict.fromkeys(r["config"] for r in runs))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for r in runs:
+        evals = r.get("evals", [])
+        if not evals:
+            continue
+        c = colors[configs.index(r["config"]) % len(colors)]
+        steps = [e["step"] for e in evals]
+        for i in range(layers):
+            label = r["config"] if r["seed"] == min(q["seed"] for q in runs) else None
+            axes[0, i].plot(steps, [e["kl_per_layer"][i] for e in evals], color=c, label=label)
+            if "active_paper" in evals[0]:
+                axes[1, i].plot(steps, [e["active_paper"][i] for e in evals], color=c)
+    for i in range(layers):
+        axes[0, i].set_title(f"z{i + 1}")
+        axes[1, i].set_xlabel("training step")
+    axes[0, 0].set_yscale("symlog", linthresh=0.1)  # shared by the row: 0.01 nats and 15 nats both readable
+    axes[0, 0].set_ylim(bottom=0)
+    axes[1, 0].set_ylim(bottom=0)
+    axes[0, 0].set_ylabel("KL (nats, validation)")
+    axes[1, 0].set_ylabel("active units")
+    axes[0, 0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
 def plot(rows: list, layers: int, path: Path) -> None:
     """Per-layer KL and active units (paper's and corrected) per config, mean ± sd over seeds."""
     import matplotlib
@@ -133,6 +204,10 @@ def plot(rows: list, layers: int, path: Path) -> None:
     plt.close(fig)
 
 
+def _slug(config: str) -> str:
+    return config.replace(" ", "-").replace("=", "")
+
+
 def _parse_rhos(text):
     rhos = [float(v) for v in text.split(",") if v.strip()]
     if any(not 0.0 <= r <= 1.0 for r in rhos):
@@ -153,6 +228,9 @@ def main(argv=None) -> int:
     add_training_args(parser)
     parser.add_argument("--k", type=int, help="importance samples of the L_k bound")
     parser.add_argument("--passes", type=int, help="stochastic passes per image for the corrected active units")
+    parser.add_argument("--eval-every", type=int, help="measure KL, ELBO and active units every N steps")
+    parser.add_argument("--checkpoint-every", type=int, help="save each run's checkpoint every N steps (and at its end)")
+    parser.add_argument("--resume", action="store_true", help="continue the runs checkpointed under --out")
     args = parser.parse_args(argv)
     fill_defaults(args, DEFAULTS, QUICK)
     try:
@@ -163,21 +241,37 @@ def main(argv=None) -> int:
         parser.error(str(err))
     if min(args.steps, args.seeds, args.samples, args.batch, args.k, args.n_train, args.n_val) < 1 or args.passes < 2:
         parser.error("--steps, --seeds, --samples, --batch, --k, --n-train, --n-val must be >= 1, --passes >= 2")
+    if min(args.eval_every, args.checkpoint_every, args.warmup) < 0:
+        parser.error("--eval-every, --checkpoint-every and --warmup must be >= 0")
+    out = Path(args.out)
+    saved = sorted((out / "checkpoints").glob("*.pt"))
+    if saved and not args.resume:
+        print(f"vaepatch bench ou-collapse: {out / 'checkpoints'} holds {len(saved)} checkpoint(s) of an earlier run: "
+              "pass --resume to continue them (same flags; --steps may grow), or choose another --out", file=sys.stderr)
+        return 2
     loaded = load_data(args, "vaepatch bench ou-collapse")
     if loaded is None:
         return 2
     path, train_images, val = loaded
     print(f"data: {path}: {len(train_images)} train (binarized afresh every batch) / {len(val)} validation "
           f"(binarized once, seed 0); {args.steps} steps, batch {args.batch}, Adam {args.lr:g}, "
-          f"{args.seeds} seed(s), {args.jobs} parallel job(s)", flush=True)
+          f"{args.seeds} seed(s), KL warm-up {args.warmup} steps, init {args.init}, {args.jobs} parallel job(s)"
+          + (f"; resuming {len(saved)} checkpoint(s)" if saved else ""), flush=True)
 
     configs = [("vanilla", None)] + [(f"ou rho={r:g} K={args.samples}", r) for r in rhos]
     common = dict(base=args.base, samples=args.samples, latents=latents, steps=args.steps, batch=args.batch,
-                  lr=args.lr, k=args.k, passes=args.passes, threshold=ACTIVE_THRESHOLD,
-                  train=train_images, val=val)
-    jobs = [dict(common, config=name, rho=rho, seed=args.seed + s) for s in range(args.seeds) for name, rho in configs]
+                  lr=args.lr, k=args.k, passes=args.passes, threshold=ACTIVE_THRESHOLD, warmup=args.warmup,
+                  init=args.init, eval_every=args.eval_every, eval_k=EVAL_K, eval_passes=EVAL_PASSES,
+                  checkpoint_every=args.checkpoint_every, train=train_images, val=val)
+    jobs = [dict(common, config=name, rho=rho, seed=args.seed + s,
+                 checkpoint=str(out / "checkpoints" / f"{_slug(name)}-seed{args.seed + s}.pt"))
+            for s in range(args.seeds) for name, rho in configs]
     wall = time.perf_counter()
-    runs = run_jobs(jobs, args.jobs, "ou-collapse")
+    try:
+        runs = run_jobs(jobs, args.jobs, "ou-collapse")
+    except CheckpointMismatch as err:
+        print(f"vaepatch bench ou-collapse: {err}", file=sys.stderr)
+        return 2
     wall = time.perf_counter() - wall
 
     rows = summarize(runs, [name for name, _ in configs])
@@ -185,21 +279,28 @@ def main(argv=None) -> int:
               f"{'-'.join(map(str, latents))}, {args.steps} steps, mean ± sd over {args.seeds} seed(s); "
               f"validation ELBO and L_{args.k} in nats on {len(val)} images")
     lines = table_lines(rows, len(latents))
+    lines += ["", "Beside the paper's Table 1 (their L_100; ours L_k, active units the paper's way, mean over seeds)"]
+    lines += paper_lines(rows, args.steps, len(train_images))
+    if any(r.get("evals") for r in runs):
+        lines += ["", f"Along training (validation, unsmoothed model; ELBO from {EVAL_K} pass, active units the "
+                      f"paper's way)"] + along_lines(runs, len(latents))
     footer = [f"corrected active units: Var_x of the mean over {args.passes} passes minus the mean within-image "
               f"variance / {args.passes} (unbiased for Var_x E[mu | x])",
               f"total wall {wall:.0f} s"]
     print("\n".join(["", header, ""] + lines + [""] + footer))
 
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     meta = dict(data=str(path), n_train=len(train_images), n_val=len(val), latents=latents, steps=args.steps,
                 batch=args.batch, lr=args.lr, seeds=args.seeds, seed=args.seed, rhos=rhos, samples=args.samples,
                 base=Variant.parse(args.base).spec, k=args.k, passes=args.passes, threshold=ACTIVE_THRESHOLD,
+                warmup=args.warmup, init=args.init, eval_every=args.eval_every, resumed=bool(saved),
                 jobs=args.jobs, wall_seconds=wall, torch=torch.__version__)
     (out / "ou_collapse.json").write_text(json.dumps(dict(meta=meta, summary=rows, runs=runs), indent=1))
     (out / "ou_collapse.md").write_text("\n".join([f"# {header}", "", "```"] + lines + ["```", ""] + footer) + "\n")
     plot(rows, len(latents), out / "ou_collapse.png")
-    print(f"wrote {out / 'ou_collapse.json'}, {out / 'ou_collapse.md'}, {out / 'ou_collapse.png'}")
+    plot_along(runs, len(latents), out / "ou_collapse_training.png")
+    print(f"wrote {out / 'ou_collapse.json'}, {out / 'ou_collapse.md'}, {out / 'ou_collapse.png'}, "
+          f"{out / 'ou_collapse_training.png'}")
     return 0 if all(r["finite"] for r in runs) else 1
 
 

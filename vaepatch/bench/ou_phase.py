@@ -105,7 +105,8 @@ def main(argv=None) -> int:
           f"seed(s), {args.steps} steps each, K = {args.samples}, {args.jobs} parallel job(s)", flush=True)
 
     common = dict(base=args.base, samples=args.samples, latents=latents, steps=args.steps, batch=args.batch,
-                  lr=args.lr, k=args.k, passes=0, threshold=0.0, train=train_images, val=val)
+                  lr=args.lr, k=args.k, passes=0, threshold=0.0, warmup=args.warmup, init=args.init,
+                  train=train_images, val=val)
     # rho = 1 is run through the same code path (smoothed_prior returns the plain prior exactly)
     jobs = [dict(common, config=f"rho={r:g}", rho=r, seed=args.seed + s) for s in range(args.seeds) for r in rhos]
     wall = time.perf_counter()
@@ -142,7 +143,8 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     meta = dict(data=str(path), n_train=len(train_images), n_val=len(val), latents=latents, steps=args.steps,
                 batch=args.batch, lr=args.lr, seeds=args.seeds, seed=args.seed, samples=args.samples,
-                base=Variant.parse(args.base).spec, k=args.k, floor=args.floor, wall_seconds=wall,
+                base=Variant.parse(args.base).spec, k=args.k, floor=args.floor, warmup=args.warmup, init=args.init,
+                wall_seconds=wall,
                 critical_rule="mean top KL first below half of its value at the lowest rho, linear interpolation")
     (out / "ou_phase.json").write_text(json.dumps(dict(meta=meta, critical_rho=critical, plateau=plateau, rows=rows,
                                                        runs=runs), indent=1))

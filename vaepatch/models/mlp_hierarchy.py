@@ -31,10 +31,11 @@ from vaepatch import gaussian, scales
 from vaepatch import ou as _ou
 from vaepatch.variant import OU, Variant
 
-__all__ = ["MLPHierarchy", "count_active", "train", "binarize", "ACTIVE_THRESHOLD"]
+__all__ = ["MLPHierarchy", "count_active", "binarize", "ACTIVE_THRESHOLD", "INITS"]
 
 EXP = scales.get("exp")
 ACTIVE_THRESHOLD = 0.01  # Burda et al.'s threshold on Var_x, used by the paper
+INITS = ("default", "glorot")  # torch's Linear default; Glorot-uniform weights with zero biases
 _ROWS = 10_000  # rows per forward in evaluate / active_units (k copies x images): bounds memory
 
 
@@ -54,8 +55,11 @@ class MLPHierarchy(nn.Module):
     picks the posterior / prior scales and the OU smoothing (its ``decoder`` side is unused: pixels
     are Bernoulli)."""
 
-    def __init__(self, x_dim: int = 784, latents=(40, 40, 40, 40), hidden: int = 200, variant=None):
+    def __init__(self, x_dim: int = 784, latents=(40, 40, 40, 40), hidden: int = 200, variant=None,
+                 init: str = "default"):
         super().__init__()
+        if init not in INITS:
+            raise ValueError(f"init must be one of {INITS}, got {init!r}")
         self.variant = _as_variant(variant)
         self.posterior_scale = self.variant.posterior or EXP
         self.prior_scale = self.variant.prior or EXP
@@ -69,6 +73,13 @@ class MLPHierarchy(nn.Module):
         self.priors = nn.ModuleList(_mlp(self.latents[i + 1], 2 * self.latents[i], hidden)
                                     for i in range(len(self.latents) - 1))
         self.decoder = _mlp(self.latents[0], self.x_dim, hidden)
+        if init == "glorot":
+            # torch's default init shrinks each layer's output variance ~3x through the tanh MLPs, so at the
+            # start the posterior means hardly vary with x: the decoder learns the mean image and ignores z
+            for layer in self.modules():
+                if isinstance(layer, nn.Linear):
+                    nn.init.xavier_uniform_(layer.weight)
+                    nn.init.zeros_(layer.bias)
 
     # -- the conditionals -------------------------------------------------------------------
     def prior(self, i: int, z_above: torch.Tensor):
@@ -124,13 +135,15 @@ class MLPHierarchy(nn.Module):
         return recon, kl
 
     # -- training ---------------------------------------------------------------------------
-    def forward(self, x: torch.Tensor) -> dict:
-        """Training loss (mean negative ELBO, nats per image): smoothed priors in train mode with OU."""
+    def forward(self, x: torch.Tensor, beta: float = 1.0) -> dict:
+        """Training loss (mean negative ELBO, nats per image, the KL terms scaled by ``beta`` for KL
+        annealing): smoothed priors in train mode with OU."""
         smoothing = self.ou if (self.training and self.ou is not None) else None
         layers, logits = self.trace(x, smoothing)
         recon, kl = self._terms(layers, logits, x)
         neg_elbo = recon + kl.sum(-1)
-        return dict(loss=neg_elbo.mean(), elbo=-neg_elbo.mean().detach(),
+        loss = neg_elbo.mean() if beta == 1.0 else (recon + beta * kl.sum(-1)).mean()
+        return dict(loss=loss, elbo=-neg_elbo.mean().detach(),
                     kl_per_layer=kl.mean(0).detach(), recon=recon.mean().detach())
 
     # -- evaluation (always the unsmoothed model) -------------------------------------------
@@ -208,41 +221,3 @@ def binarize(images, generator: torch.Generator | None = None) -> torch.Tensor:
     x = x.reshape(x.shape[0], -1)
     x = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
     return torch.bernoulli(x, generator=generator)
-
-
-def train(model: MLPHierarchy, images, steps: int, batch: int = 100, lr: float = 1e-3, seed: int = 0,
-          progress=None, log_every: int = 100) -> list:
-    """Adam on dynamically binarized images (a fresh Bernoulli draw of every batch), shuffled epochs.
-
-    ``progress(n)`` is called with the number of steps done since its last call. Returns the
-    running mean training loss every ``log_every`` steps as (step, loss) pairs; stops at a
-    non-finite loss (the last pair then holds it).
-    """
-    g = torch.Generator().manual_seed(seed)
-    grey = torch.as_tensor(np.asarray(images) if not isinstance(images, torch.Tensor) else images)
-    grey = grey.reshape(grey.shape[0], -1)
-    grey = grey.float() / 255.0 if grey.dtype == torch.uint8 else grey.float()
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
-    model.train()
-    history, running, order, pos, reported = [], 0.0, torch.randperm(grey.shape[0], generator=g), 0, 0
-    for step in range(1, steps + 1):
-        if pos + batch > order.numel():
-            order, pos = torch.randperm(grey.shape[0], generator=g), 0
-        x = torch.bernoulli(grey[order[pos:pos + batch]], generator=g)
-        pos += batch
-        loss = model(x)["loss"]
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        value = float(loss.detach())
-        running += value
-        if not math.isfinite(value):
-            history.append((step, value))
-            break
-        if step % log_every == 0 or step == steps:
-            history.append((step, running / (step - (history[-1][0] if history else 0))))
-            running = 0.0
-        if progress is not None and (step % 20 == 0 or step == steps):
-            progress(step - reported)
-            reported = step
-    return history
