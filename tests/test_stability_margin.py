@@ -118,3 +118,9 @@ def test_a_finite_loss_far_above_the_first_steps_fails_the_run(tmp_path):
     _write_run(tmp_path / "nan", "stopped", [(2e4, False, None), (None, True, "nan"), (9e9, False, None)])
     nan = sm.outcome(tmp_path / "nan", steps=3)
     assert nan["first_fail_step"] == 1 and nan["first_failure"].startswith("step 1: loss non-finite")
+
+
+def test_a_cell_read_before_its_runs_exist_says_not_run_rather_than_failed(tmp_path):
+    (cell,) = sm.collect(tmp_path, ["vanilla"], [0.01], [0, 1], steps=5).values()
+    assert [run["status"] for run in cell] == ["missing", "missing"]
+    assert sm._cell_text(cell) == "2/2 (2 not run yet)"

@@ -168,6 +168,9 @@ def _cell_text(runs: list) -> str:
     diverged = sum(r.get("diverged_step") is not None for r in runs)
     first = [r["first_fail_step"] for r in runs if r["first_fail_step"] is not None]
     text = f"{failed}/{len(runs)}"
+    missing = sum(r["status"] == "missing" for r in runs)
+    if missing:  # a grid read with --report-only before it finished
+        return text + f" ({missing} not run yet)"
     if failed:
         text += f" ({nan} NaN, {skips} skips{f', {diverged} diverged' if diverged else ''}; first at {min(first) if first else '-'})"
     return text
