@@ -279,7 +279,8 @@ def test_count_multi_rank_scenario(tmp_path):
     c = count(read(path).events)
     assert c == Counts(steps=7, ranks=2, nan_steps=2, grad_skips=1, amp_skips=1, skipped=4,
                        nonfinite_loss_steps=3, first_nan_step=1, last_loss=3.5,
-                       skip_streak=0, longest_skip_streak=5, stalled_since=None,  # steps 1-5 made no progress
+                       skip_streak=0, longest_skip_streak=5, longest_recovered_streak=5,  # steps 1-5 made no progress, step 6 did
+                       stalled_since=None,
                        nonfinite_origins={"loss non-finite (no where record)": 3}, first_failure="step 1: loss non-finite")
     assert count(read(path)) == c  # an EventLog works too
 

@@ -85,6 +85,7 @@ def test_stall_is_three_steps_in_a_row_without_an_update(tmp_path, capsys):
     assert "run stalled: no update since step 4" in capsys.readouterr().err
     counts = events.count(events.read(tmp_path), stall_steps=3)
     assert (counts.skip_streak, counts.longest_skip_streak, counts.stalled_since) == (4, 4, 4)
+    assert counts.longest_recovered_streak == 2  # steps 1-2, ended by the update at step 3; the trailing 4 never ended
     assert events.count(events.read(tmp_path), stall_steps=5).stalled_since is None
 
 
@@ -145,7 +146,7 @@ def test_compare_shows_stalled_runs_and_where_they_broke(tmp_path, capsys):
     assert "first failure (seed 0): step 1: kl non-finite at block 5 (16x16): prior sigma underflow" in out
     assert report.main([str(tmp_path), "--format", "json"]) == 0
     (summary,) = json.loads(capsys.readouterr().out)
-    assert summary["stalled"] == {"runs": 1, "since": [1]}
+    assert summary["stalled"] == {"runs": 1, "since": [1], "longest_recovered_streak": [0]}
     assert summary["nonfinite_origins"] == {"kl non-finite at block 5 (16x16): prior sigma underflow": 2}
 
 

@@ -221,7 +221,8 @@ def summarize(runs: list[Run]) -> list[dict]:
             "seeds": [r.seed for r in members],
             "status": sorted({r.status for r in members}),
             "stalled": {"runs": sum(c.stalled_since is not None for c in counts),
-                        "since": [c.stalled_since for c in counts]},
+                        "since": [c.stalled_since for c in counts],
+                        "longest_recovered_streak": [c.longest_recovered_streak for c in counts]},
             "nonfinite_origins": _merged([c.nonfinite_origins for c in counts]),
             "first_failures": [{"run": str(r.path), "seed": r.seed, "failure": r.counts.first_failure}
                                for r in members if r.counts.first_failure],

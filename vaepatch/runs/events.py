@@ -234,14 +234,16 @@ class Counts:
     last_loss: float | None = None
     skip_streak: int = 0  # steps at the end of the log, in a row, whose update was skipped or whose loss was non-finite
     longest_skip_streak: int = 0
+    longest_recovered_streak: int = 0  # the longest streak that an update ended: how long a run came back from
     stalled_since: int | None = None  # first step of the final streak when it is >= stall_steps
     nonfinite_origins: dict = field(default_factory=dict)  # "kl non-finite at block 3 (8x8): prior sigma underflow" -> steps
     first_failure: str | None = None  # the first non-finite or skipped step, in one line
 
 
-def _streaks(skipped_by_step: dict) -> tuple[int, int, int | None]:
-    """(trailing streak, longest streak, first step of the trailing streak) of skipped steps."""
-    longest = run = 0
+def _streaks(skipped_by_step: dict) -> tuple[int, int, int | None, int]:
+    """(trailing streak, longest streak, first step of the trailing streak, longest streak an update
+    ended) of skipped steps."""
+    longest = run = recovered = 0
     start = None
     for step in sorted(skipped_by_step):
         if skipped_by_step[step]:
@@ -249,8 +251,9 @@ def _streaks(skipped_by_step: dict) -> tuple[int, int, int | None]:
             run += 1
             longest = max(longest, run)
         else:
+            recovered = max(recovered, run)
             run, start = 0, None
-    return run, longest, start
+    return run, longest, start, recovered
 
 
 def _failure_key(event: dict) -> str:
@@ -272,7 +275,7 @@ def count(events, stall_steps: int = STALL_STEPS) -> Counts:
     nan = {s for s, r in reasons.items() if "nan" in r}
     last = max(reasons)
     last_losses = [e["loss"] for e in events if e["step"] == last and e["finite"] and e["loss"] is not None]
-    trailing, longest, start = _streaks({s: any(e["skipped"] or not e["finite"] for e in es) for s, es in by_step.items()})
+    trailing, longest, start, recovered = _streaks({s: any(e["skipped"] or not e["finite"] for e in es) for s, es in by_step.items()})
     origins: dict[str, int] = {}
     first_failure = None
     for step in sorted(by_step):
@@ -295,7 +298,7 @@ def count(events, stall_steps: int = STALL_STEPS) -> Counts:
         nonfinite_loss_steps=len({e["step"] for e in events if not e["finite"]}),
         first_nan_step=min(nan) if nan else None,
         last_loss=sum(last_losses) / len(last_losses) if last_losses else None,
-        skip_streak=trailing, longest_skip_streak=longest,
+        skip_streak=trailing, longest_skip_streak=longest, longest_recovered_streak=recovered,
         stalled_since=start if trailing >= stall_steps else None,
         nonfinite_origins=origins, first_failure=first_failure,
     )
