@@ -23,6 +23,7 @@ import os
 import shutil
 import subprocess
 import sys
+import textwrap
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -215,11 +216,12 @@ def plot(cells: dict, lrs: list, names: list, path: Path, title: str) -> None:
     for i, n in enumerate(names):
         for j, lr in enumerate(lrs):
             runs = cells[(n, lr)]
-            ax.text(j, i, f"{sum(not o['passed'] for o in runs)}/{len(runs)}", ha="center", va="center", fontsize=9)
+            ax.text(j, i, f"{sum(not o['passed'] for o in runs)}/{len(runs)}", ha="center", va="center", fontsize=9,
+                    color="white" if frac[i, j] > 0.5 else "black")
     ax.set_xticks(range(len(lrs)), [f"{lr:g}" for lr in lrs])
     ax.set_yticks(range(len(names)), names)
     ax.set_xlabel("learning rate")
-    ax.set_title(title, fontsize=9)
+    ax.set_title(textwrap.fill(title, 90), fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
