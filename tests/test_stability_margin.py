@@ -111,7 +111,7 @@ def test_a_finite_loss_far_above_the_first_steps_fails_the_run(tmp_path):
                                                                 (1.5e4, False, None), (1e4, False, None)])
     up, wobble = sm.outcome(tmp_path / "up", steps=4), sm.outcome(tmp_path / "wobble", steps=4)
     assert not up["passed"] and up["diverged_step"] == 2 and up["first_fail_step"] == 2
-    assert up["first_failure"].startswith("step 2: loss diverged (8.5e+21, 4.25e+17x")
+    assert up["first_failure"] == "step 2: loss diverged (8.5e+21, 4.25e+17x the first step's)"  # no parts logged
     assert wobble["passed"] and wobble["diverged_step"] is None  # 9.5x the first loss: under the default 10x
     assert not sm.outcome(tmp_path / "wobble", steps=4, diverge=5)["passed"]
     # a NaN before the divergence stays the first failure
@@ -124,3 +124,16 @@ def test_a_cell_read_before_its_runs_exist_says_not_run_rather_than_failed(tmp_p
     (cell,) = sm.collect(tmp_path, ["vanilla"], [0.01], [0, 1], steps=5).values()
     assert [run["status"] for run in cell] == ["missing", "missing"]
     assert sm._cell_text(cell) == "2/2 (2 not run yet)"
+
+
+def test_a_divergence_says_which_part_of_the_loss_and_which_scales(tmp_path):
+    run = tmp_path / "r"
+    run.mkdir()
+    run_manifest.write(run / "run.json", {"variant": "vanilla", "variant_spec": "vanilla", "status": "stopped"})
+    scale = {"posterior": {"raw": [-4.0, 5.0], "log_sigma": [-3.79, 4.82]}, "prior": {"raw": [-4.0, 5.0], "log_sigma": [-3.84, 4.74]}}
+    with events.EventWriter(run / "events.jsonl") as writer:
+        writer.write(0, 1.9e4, 1.0, False, None, 0.1, kl=108.0, recon=1.9e4)
+        writer.write(1, 3.83e5, 1.0, False, None, 0.1, kl=1.4e6, recon=1.93e4, scale=scale)
+    assert sm.outcome(run, steps=2)["first_failure"] == (
+        "step 1: loss diverged (3.83e+05, 20.2x the first step's): kl 1.4e+06, recon 1.93e+04; "
+        "posterior log sigma -3.79..4.82, prior log sigma -3.84..4.74")

@@ -75,6 +75,15 @@ def _diverged(log: list, factor: float):
     return next(((step, loss, loss / first) for step, loss in losses if loss > factor * first), None)
 
 
+def _parts(event: dict) -> str:
+    """``: kl K, recon R; posterior log sigma lo..hi, prior log sigma lo..hi`` from what the event holds."""
+    parts = [f"{key} {event[key]:.3g}" for key in ("kl", "recon") if isinstance(event.get(key), (int, float))]
+    ranges = [f"{side} log sigma {r[0]:.3g}..{r[1]:.3g}" for side in ("posterior", "prior")
+              for r in [((event.get("scale") or {}).get(side) or {}).get("log_sigma")] if r and None not in r]
+    text = "; ".join(x for x in (", ".join(parts), ", ".join(ranges)) if x)
+    return f": {text}" if text else ""
+
+
 def outcome(run_dir: Path, steps: int, diverge: float = DIVERGE) -> dict:
     """One run's result from its run.json and events: passed, counts, first failing step and what broke."""
     manifest = run_manifest.read(run_dir / run_manifest.FILENAME) or {}
@@ -88,7 +97,8 @@ def outcome(run_dir: Path, steps: int, diverge: float = DIVERGE) -> dict:
     first_failure = counts.first_failure
     if diverged:
         if not failing or diverged[0] < min(failing):
-            first_failure = f"step {diverged[0]}: loss diverged ({diverged[1]:.3g}, {diverged[2]:.3g}x the first step's)"
+            first_failure = (f"step {diverged[0]}: loss diverged ({diverged[1]:.3g}, {diverged[2]:.3g}x the first step's)"
+                             + _parts(next(e for e in log if e["step"] == diverged[0])))
         failing.append(diverged[0])
     ran_all = bool(log) and max(e["step"] for e in log) >= steps - 1
     skips = counts.grad_skips + counts.amp_skips
