@@ -39,7 +39,7 @@ __all__ = ["log_grid", "outcome", "margins", "collect", "run_grid", "table_lines
 VARIANTS = "vanilla,upbounded1,explin,upbounded1-cst1,explin-cst1,softplus-ln2,upbounded1-floor"
 DEFAULTS = {"vdvae": dict(lrs="0.005:0.16:6", seeds="0,1,2", steps=300, dead=50, variants=VARIANTS),
             "nvae": dict(lrs="0.03162:1:4", seeds="0,1,2", steps=150, dead=30,
-                         variants="vanilla,softplus-ln2,upbounded1,upbounded1-cst1")}
+                         variants="vanilla,softplus-ln2,upbounded1,upbounded1-cst1,upbounded1-floor")}
 DIVERGE = 10.0  # a finite loss above this many times the first step's is a failure
 QUICK = dict(lrs="0.001:0.1:2", seeds="0", steps=4, dead=3, variants="vanilla,upbounded1")
 
