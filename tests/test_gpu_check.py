@@ -101,7 +101,7 @@ def test_config_sizes_variants_and_the_best_margin_variant(tmp_path, monkeypatch
     vdvae = cfg["sections"]["vdvae-step-time"]
     assert vdvae["size"] == "cifar10" and vdvae["steps"] >= 20
     assert {(v, f) for v, f in vdvae["configs"]} == {(v, f) for v in ("upbounded1", "explin-cst1") for f in (False, True)}
-    assert cfg["sections"]["nvae-amp"]["variants"] == ["vanilla", "upbounded1-cst1"]
+    assert cfg["sections"]["nvae-amp"]["variants"] == ["vanilla", "upbounded1-cst1", "upbounded1-floor"]
     assert cfg["sections"]["nvae-amp"]["steps"] >= 200 and cfg["threads"] is None
     monkeypatch.setattr(gpu, "BEST_MARGIN_VARIANT", "posterior=upbounded(1),prior=cst1")
     cfg = gpu.config(_args("--dry-run", "--work", str(tmp_path)), "cpu")
