@@ -160,12 +160,18 @@ def test_killed_run_keeps_every_logged_step(tmp_path, data):
     assert "killed" in report.load_run(out).status
 
 
-def test_crash_is_recorded_in_run_json(tmp_path):
+def test_crash_is_recorded_in_run_json(tmp_path, data):
+    """A crash inside VDVAE (a batch file that is not a pickle: a missing one is refused before VDVAE
+    starts) ends in run.json with the exception that ended it."""
+    import shutil
+
+    corrupt = shutil.copytree(data, tmp_path / "corrupt")
+    (corrupt / cifar_format.FOLDER / "data_batch_1").write_bytes(b"not a pickle")
     out = tmp_path / "crash"
-    result = _run(out, tmp_path / "no-data-here", max_steps=5)
+    result = _run(out, corrupt, max_steps=5)
     assert result.returncode != 0
     manifest = json.loads((out / "run.json").read_text())
-    assert manifest["status"].startswith("crashed: FileNotFoundError")
+    assert manifest["status"].startswith("crashed: UnpicklingError"), manifest["status"]
 
 
 def test_smoke_script_end_to_end(tmp_path):
