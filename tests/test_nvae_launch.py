@@ -14,7 +14,7 @@ import pytest
 
 from vaepatch import cifar_format, report
 from vaepatch.runs import events
-from vaepatch.targets.vdvae.stress import free_port
+from vaepatch.runs.launch import free_port
 from tests.nvae_support import nvae_clone
 
 CLONE, WHY_NOT = nvae_clone()

@@ -13,6 +13,7 @@ import torch
 
 import vaepatch
 from vaepatch import cifar_format
+from vaepatch.runs.launch import free_port
 from vaepatch.runs import events
 from tests.vdvae_support import require_vdvae, vdvae_clone
 
@@ -114,14 +115,8 @@ def _launch(tmp_path, data, *launcher, train_args=()):
                "--cpu", "--upstream", str(CLONE), *launcher, "--", "--hps", "cifar10", "--data_root", str(data),
                "--width", "16", "--zdim", "4", "--n_batch", "4", "--dec_blocks", "1x1,4m1,8m4,16m8,32m16",
                "--enc_blocks", "32x1,32d2,16x1,16d2,8x1,8d2,4x1,4d4,1x1", "--save_dir", str(tmp_path / "vdvae"),
-               "--port", str(_free_port()), *train_args]
+               "--port", str(free_port()), *train_args]
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-
-
-def _free_port():
-    from vaepatch.targets.vdvae.stress import free_port
-
-    return free_port()
 
 
 def test_a_run_that_skips_every_step_is_stalled_and_stops(tmp_path):

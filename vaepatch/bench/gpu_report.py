@@ -8,25 +8,16 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from pathlib import Path
+
+from vaepatch.runs.manifest import write_atomic  # the report and sections write through it
 
 __all__ = ["SCHEMA", "PAPER_OU_EPOCH_RATIO", "write_atomic", "read_json", "Budget", "render_markdown", "section_status"]
 
 SCHEMA = "vaepatch-gpu-check/1"
 PAPER_OU_EPOCH_RATIO = 1.095  # Pervez & Gavves: 4.6 s vs 4.2 s per epoch (OU-VAE vs VAE), GPU
 STATUSES = ("ok", "failed", "error", "timeout", "skipped", "running", "pending")
-
-
-def write_atomic(path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and ``os.replace``: readers see the old file or
-    the new one, whole."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _finite(x):

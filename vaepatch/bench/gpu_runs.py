@@ -19,6 +19,7 @@ from pathlib import Path
 
 from vaepatch.runs import events
 from vaepatch.runs import manifest as run_manifest
+from vaepatch.runs.launch import free_port
 
 __all__ = ["make_data", "free_port", "vdvae_command", "nvae_command", "run_logged", "kill_group", "check_run", "main"]
 
@@ -34,15 +35,6 @@ def make_data(dest: Path, target: str, n_train: int, n_test: int) -> Path:
         cifar_format.make(dest, n_train=n_train, n_test=n_test, for_target=target)
         marker.write_text("")
     return dest
-
-
-def free_port() -> int:
-    """A TCP port nobody listens on now: each run's process group needs its own."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def vdvae_command(python: str, out: Path, data: Path, variant: str, steps: int, port: int, cpu: bool,

@@ -67,12 +67,12 @@ def _finished(run_dir: Path) -> bool:
 
 
 def _diverged(log: list, factor: float):
-    """(step, loss, loss / first) of the first finite loss above ``factor`` x the first finite one, or None."""
-    losses = [(e["step"], e["loss"]) for e in log if e["finite"] and e["loss"] is not None]
-    if not losses or losses[0][1] <= 0:
+    """(event, loss / first) of the first finite loss above ``factor`` x the first finite one, or None."""
+    finite = [e for e in log if e["finite"] and e["loss"] is not None]
+    if not finite or finite[0]["loss"] <= 0:
         return None  # a loss that starts at or below 0 has no scale to diverge from
-    first = losses[0][1]
-    return next(((step, loss, loss / first) for step, loss in losses if loss > factor * first), None)
+    first = finite[0]["loss"]
+    return next(((e, e["loss"] / first) for e in finite if e["loss"] > factor * first), None)
 
 
 def _parts(event: dict) -> str:
@@ -96,15 +96,16 @@ def outcome(run_dir: Path, steps: int, diverge: float = DIVERGE) -> dict:
     diverged = _diverged(log, diverge)
     first_failure = counts.first_failure
     if diverged:
-        if not failing or diverged[0] < min(failing):
-            first_failure = (f"step {diverged[0]}: loss diverged ({diverged[1]:.3g}, {diverged[2]:.3g}x the first step's)"
-                             + _parts(next(e for e in log if e["step"] == diverged[0])))
-        failing.append(diverged[0])
+        event, ratio = diverged
+        if not failing or event["step"] < min(failing):
+            first_failure = (f"step {event['step']}: loss diverged ({event['loss']:.3g}, {ratio:.3g}x the first step's)"
+                             + _parts(event))
+        failing.append(event["step"])
     ran_all = bool(log) and max(e["step"] for e in log) >= steps - 1
     skips = counts.grad_skips + counts.amp_skips
     return {"run": str(run_dir), "status": manifest.get("status", "missing"), "steps": counts.steps,
             "nan_steps": counts.nonfinite_loss_steps,
-            "skips": skips, "diverged_step": diverged[0] if diverged else None,
+            "skips": skips, "diverged_step": diverged[0]["step"] if diverged else None,
             "first_fail_step": min(failing) if failing else None,
             "passed": ran_all and not failing and not manifest.get("status", "").startswith("crashed"),
             "first_failure": first_failure, "origins": counts.nonfinite_origins,

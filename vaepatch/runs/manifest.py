@@ -14,7 +14,7 @@ from pathlib import Path
 
 from vaepatch.version import __version__
 
-__all__ = ["FILENAME", "LaunchError", "now", "new", "read", "previous", "write"]
+__all__ = ["FILENAME", "LaunchError", "now", "new", "read", "previous", "write", "write_atomic"]
 
 FILENAME = "run.json"
 
@@ -56,7 +56,14 @@ def previous(out: Path, variant_spec: str, variant_name: str = "") -> dict | Non
 
 def write(path: Path, manifest: dict) -> None:
     """Atomic replace: a crash while writing never leaves a half-written run.json."""
+    write_atomic(path, json.dumps(manifest, indent=2, default=str) + "\n")
+
+
+def write_atomic(path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and ``os.replace``: readers see the old file or
+    the new one, whole."""
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(manifest, indent=2, default=str) + "\n")
+    tmp.write_text(text)
     os.replace(tmp, path)

@@ -11,6 +11,7 @@ learning rates need not pay for steps after a failure.
 """
 from __future__ import annotations
 
+import math
 import sys
 
 from vaepatch.runs.events import STALL_STEPS, EventWriter
@@ -94,7 +95,7 @@ class StepRecorder:
                 self.logged += 1
             else:
                 self.already_logged += 1
-        nonfinite = (finite is False) or loss is None or loss != loss or abs(loss) == float("inf")
+        nonfinite = finite is False or loss is None or not math.isfinite(loss)
         self._stall_check(int(step), bool(skipped) or nonfinite)
         if nonfinite and self.stop_at_nonfinite:
             raise StopNonfinite(int(step))

@@ -108,11 +108,11 @@ def train_step(model, optimizer, x, alpha_i, global_step):
 
 # NVAE's smallest model through its own train.py: 4 channels, 2 scales x 2 groups of 2 latents, one
 # cell per block, squeeze-excitation, NVAE's default pixels (10 discretized logistics), batch 8.
-TRAIN_ARGS = ["--dataset", "cifar10", "--batch_size", "8", "--num_channels_enc", "4", "--num_channels_dec", "4",
+TRAIN_BATCH = 8
+TRAIN_ARGS = ["--dataset", "cifar10", "--batch_size", str(TRAIN_BATCH), "--num_channels_enc", "4", "--num_channels_dec", "4",
               "--num_latent_scales", "2", "--num_groups_per_scale", "2", "--num_latent_per_group", "2",
               "--num_preprocess_blocks", "1", "--num_preprocess_cells", "1", "--num_postprocess_blocks", "1",
               "--num_postprocess_cells", "1", "--use_se"]
-TRAIN_BATCH = 8
 
 
 def make_data(dest, steps: int, batch_size: int = TRAIN_BATCH):
