@@ -93,6 +93,7 @@ CASES = {
     "bounded": (lambda p: _ref_bounded(p, PIXEL_ALPHA, 1.0), PIXEL_ALPHA, 1.0, False),
     "bounded(0.1, 3)": (lambda p: _ref_bounded(p, 0.1, 3.0), 0.1, 3.0, False),
     "bounded(0.01, 1)": (lambda p: _ref_bounded(p, 0.01, 1.0), 0.01, 1.0, False),  # upbounded1-floor's prior
+    "bounded(1e-5, 1)": (lambda p: _ref_bounded(p, 1e-5, 1.0), 1e-5, 1.0, False),  # qfloor-*'s posterior
     "constant(1)": (lambda p: _ref_constant(p, 1.0), 1.0, 1.0, False),
     "constant(0.3)": (lambda p: _ref_constant(p, 0.3), 0.3, 0.3, False),
     "softplus(1)": (lambda p: _ref_softplus(p, 1.0), 0.0, None, True),

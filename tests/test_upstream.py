@@ -271,7 +271,8 @@ def test_cli_errors_exit_2_without_traceback(toy, capsys):
     assert fetch_command.main(["nosuch"]) == 2
     assert "invalid choice" in capsys.readouterr().err
     assert fetch_command.main(["--check", "--force"]) == 2
-    assert fetch_command.main(["--source", "x"]) == 2  # --source needs one target
+    assert fetch_command.main(["--source", str(tmp / "x")]) == 2  # for every target: a folder holding them
+    assert "missing: toy" in capsys.readouterr().err
     assert fetch_command.main(["--help"]) == 0
     assert "vaepatch fetch" in capsys.readouterr().out
 
@@ -284,3 +285,16 @@ def test_cli_all_with_dest_uses_subdirectories(toy, capsys):
     assert fetch_command.main(["--check", "--dest", str(tmp / "base")]) == 0
     statuses = upstream.check(tmp / "base")
     assert [s.ok for s in statuses] == [True]
+
+
+def test_cli_all_from_a_folder_of_bundles(toy, capsys):
+    """CI's offline path: ``vaepatch fetch --source DIR`` with DIR holding <name>.bundle per target."""
+    import subprocess
+
+    p, c1, _, tmp = toy
+    bundles = tmp / "bundles"
+    bundles.mkdir()
+    subprocess.run(["git", "-C", p.url, "bundle", "create", str(bundles / "toy.bundle"), "--all"], check=True,
+                   capture_output=True)
+    assert fetch_command.main(["--source", str(bundles), "--dest", str(tmp / "clones")]) == 0
+    assert _head(tmp / "clones" / "toy") == c1  # the pinned commit, not the bundle's tip

@@ -24,6 +24,8 @@ BUILTINS = {
     # beyond the paper
     "softplus-ln2": ("softplus(log(2))", "softplus(log(2))"),
     "upbounded1-floor": ("upbounded(1)", "bounded(0.01, 1)"),
+    "qfloor-cst1": ("bounded(1e-5, 1)", "constant(1)"),
+    "qfloor-floor": ("bounded(1e-5, 1)", "bounded(0.01, 1)"),
 }
 
 ACCEPTED_VARIANT_NAMES = sorted(BUILTINS)

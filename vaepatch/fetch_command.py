@@ -15,6 +15,21 @@ def _table(rows: list[list[str]]) -> str:
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
 
 
+def _sources(folder, names: list[str]) -> dict:
+    """Per target, its clone source inside ``folder`` (``<name>.bundle``, else ``<name>``); all None
+    without a folder (the pinned URLs)."""
+    if folder is None:
+        return {n: None for n in names}
+    base = Path(folder).expanduser()
+    found = {n: next((str(p) for p in (base / f"{n}.bundle", base / n) if p.exists()), None) for n in names}
+    missing = [n for n, src in found.items() if src is None]
+    if not base.is_dir() or missing:
+        raise ValueError(f"--source {folder} with every target must be a folder holding <name>.bundle or <name> "
+                         f"for each of {', '.join(names)}; missing: {', '.join(missing or names)}. "
+                         "For one repository, name its target: vaepatch fetch NAME --source URL_OR_PATH")
+    return found
+
+
 def main(argv: list[str] | None = None) -> int:
     """``vaepatch fetch [TARGET] [--source S] [--dest D] [--force]`` / ``vaepatch fetch --check``.
 
@@ -30,8 +45,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("target", nargs="?", default="all", choices=[*targets, "all"],
                         help="which upstream (default: all)")
     parser.add_argument("--source", metavar="URL_OR_PATH",
-                        help="clone from here instead of the pinned URL (a local clone or bare "
-                             "mirror works offline); only with a single target")
+                        help="clone from here instead of the pinned URL (a local clone, bare mirror or git "
+                             "bundle works offline); with 'all', a folder holding <name>.bundle or <name> "
+                             "per target")
     parser.add_argument("--dest", metavar="DIR",
                         help="the clone directory; with 'all', a directory that gets one "
                              "<name> subdirectory per target")
@@ -44,13 +60,13 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
         if args.check and (args.source or args.force):
             parser.error("--check fetches nothing; it takes no --source or --force")
-        if args.source and args.target == "all":
-            parser.error("--source is one repository; name the target it is for "
-                         f"({' or '.join(targets)})")
+        names = targets if args.target == "all" else [args.target]
+        sources = _sources(args.source, names) if args.target == "all" else {args.target: args.source}
     except SystemExit as e:  # argparse exits on errors and --help; return the code instead
         return e.code if isinstance(e.code, int) else 2
-
-    names = targets if args.target == "all" else [args.target]
+    except ValueError as e:
+        print(f"vaepatch fetch: {e}", file=sys.stderr)
+        return 2
 
     def dest_for(n: str) -> Path | None:
         if args.dest is None:
@@ -71,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     code = 0
     for n in names:
         try:
-            upstream.fetch(n, source=args.source, dest=dest_for(n), force=args.force)
+            upstream.fetch(n, source=sources[n], dest=dest_for(n), force=args.force)
         except upstream.UpstreamError as e:
             print(f"error: {e}", file=sys.stderr)
             code = 2

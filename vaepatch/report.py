@@ -20,10 +20,10 @@ from pathlib import Path
 
 from vaepatch.runs import events as _events
 from vaepatch.runs import logs as _logs
+from vaepatch.runs import verdict as _verdict
 
 __all__ = ["Run", "load_run", "find_runs", "summarize", "render", "plot", "main"]
 
-FINAL_FRACTION = 0.1  # "final loss": mean finite loss over the last 10% of logged steps
 
 
 @dataclass
@@ -57,27 +57,6 @@ class Run:
         return None
 
 
-def _final_loss(curve) -> float | None:
-    if not curve:
-        return None
-    tail = curve[-max(1, math.ceil(len(curve) * FINAL_FRACTION)):]
-    losses = [loss for _, loss, _ in tail if loss is not None]
-    return statistics.fmean(losses) if losses else None
-
-
-def _curve(events: list[dict]) -> list:
-    """One point per step: mean finite loss over ranks, and whether the update was skipped."""
-    by_step: dict[int, list[dict]] = {}
-    for e in events:
-        by_step.setdefault(e["step"], []).append(e)
-    curve = []
-    for step in sorted(by_step):
-        losses = [e["loss"] for e in by_step[step] if e["loss"] is not None and e["finite"]]
-        curve.append((step, statistics.fmean(losses) if losses else None,
-                      any(e["skipped"] for e in by_step[step])))
-    return curve
-
-
 def _set_evals(run: Run, evals: list[float]) -> None:
     """Final eval loss (None if it was not finite) and the best finite one, in logged order."""
     finite = [v for v in evals if math.isfinite(v)]
@@ -92,7 +71,7 @@ def _from_upstream_log(path: Path, run: Run, log: _logs.UpstreamLog) -> None:
     _set_evals(run, fields.pop("evals", []))
     for key, value in fields.items():
         setattr(run, key, value)
-    run.final_loss = _final_loss(run.curve)
+    run.final_loss = _verdict.end_loss(run.curve)
 
 
 def _upstream_evals(target, logdir: Path, problems: list) -> list:
@@ -153,8 +132,8 @@ def load_run(path) -> Run:
     stall_steps = manifest.get("stall_steps")
     run.counts = _events.count(log.events, stall_steps if isinstance(stall_steps, int) and stall_steps > 0
                                else _events.STALL_STEPS)
-    run.curve = _curve(log.events)
-    run.final_loss = _final_loss(run.curve)
+    run.curve = _verdict.curve(log.events)
+    run.final_loss = _verdict.end_loss(run.curve)
     return run
 
 

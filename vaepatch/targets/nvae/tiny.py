@@ -16,7 +16,7 @@ import torch
 
 from vaepatch import cifar_format
 
-__all__ = ["TINY_ARGS", "ARCH", "BATCH", "ADAMAX", "nvae_on_cpu", "tiny_args", "tiny_nvae", "batch", "train_step"]
+__all__ = ["TINY_ARGS", "ARCH", "BATCH", "ADAMAX", "SKIP_POLICIES", "nvae_on_cpu", "tiny_args", "tiny_nvae", "batch", "train_step"]
 
 # NVAE's own argument names (train.py), made small; with the CIFAR-10 flags of its README
 # (--use_se --res_dist --num_nf 1 --weight_decay_norm 1e-2).
@@ -113,6 +113,10 @@ TRAIN_ARGS = ["--dataset", "cifar10", "--batch_size", str(TRAIN_BATCH), "--num_c
               "--num_latent_scales", "2", "--num_groups_per_scale", "2", "--num_latent_per_group", "2",
               "--num_preprocess_blocks", "1", "--num_preprocess_cells", "1", "--num_postprocess_blocks", "1",
               "--num_postprocess_cells", "1", "--use_se"]
+# The stability-margin bench's skip policies. NVAE has no skip rule of its own: every update is
+# applied (only AMP's GradScaler skips a step with non-finite gradients, on CUDA), so "off" is the
+# same run as "upstream".
+SKIP_POLICIES = {"upstream": []}
 
 
 def make_data(dest, steps: int, batch_size: int = TRAIN_BATCH):

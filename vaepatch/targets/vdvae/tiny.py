@@ -11,7 +11,7 @@ import torch
 
 from vaepatch import cifar_format
 
-__all__ = ["ONE_BLOCK_PER_RESOLUTION", "TRAIN_ARGS", "TINY", "cifar10_hparams", "tiny_hparams", "tiny_vae",
+__all__ = ["ONE_BLOCK_PER_RESOLUTION", "TRAIN_ARGS", "SKIP_POLICIES", "TINY", "cifar10_hparams", "tiny_hparams", "tiny_vae",
            "cifar10_vae", "batch"]
 
 ONE_BLOCK_PER_RESOLUTION = dict(
@@ -23,6 +23,10 @@ ONE_BLOCK_PER_RESOLUTION = dict(
 TRAIN_ARGS = ["--hps", "cifar10", "--width", "32", "--zdim", "8", "--n_batch", "16",
               "--dec_blocks", "1x1,4m1,4x1,8m4,8x1,16m8,16x1,32m16,32x1",
               "--enc_blocks", "32x1,32d2,16x1,16d2,8x1,8d2,4x1,4d4,1x1"]
+# The stability-margin bench's skip policies: train.py arguments for each. VDVAE skips an update
+# whose gradient norm exceeds --skip_threshold (400 for cifar10); -1 turns that rule off (upstream's
+# own setting; a step with a non-finite loss is still not applied).
+SKIP_POLICIES = {"upstream": [], "off": ["--skip_threshold", "-1"]}
 TINY = dict(width=32, zdim=8, n_batch=16, **ONE_BLOCK_PER_RESOLUTION)
 
 

@@ -1,0 +1,196 @@
+"""The stability-margin bench's reading of its runs: each cell's state and end NELBO, each variant's
+margin per skip policy, the Markdown tables and the heat map.
+
+A cell (variant, learning rate, skip policy) **passes** when every seed's run passed
+(``vaepatch.runs.verdict``), **fails** when one did not, and is **not run** while any seed's run is
+missing. A variant's **margin** is the largest rate that passed below its lowest failing one; rates
+below it that were not run are taken to pass too (a rate that trains, trains at lower rates: the
+search runs only the cells that decide the margin). The margin is **settled** when the grid's next
+rate above it is a failure (or it is the grid's top); otherwise the grid is incomplete there.
+"""
+from __future__ import annotations
+
+import statistics
+import textwrap
+from pathlib import Path
+
+from vaepatch import markdown
+
+__all__ = ["cell_summary", "cell_state", "margins", "grid_lines", "margin_lines", "broke_lines", "plot", "fmt_lr"]
+
+
+def fmt_lr(lr: float) -> str:
+    """A rate as people write it: 0.1, 0.316, 0.005."""
+    return f"{lr:.3g}"
+
+
+def cell_state(runs: list) -> str | None:
+    """False (a seed's run failed), True (every seed's run passed), None (not known: a run is missing)."""
+    if any(not r["passed"] and r["verdict"] != "not run" for r in runs):
+        return False
+    if not runs or any(r["verdict"] == "not run" for r in runs):
+        return None
+    return True
+
+
+def _stat(values: list) -> dict:
+    values = [v for v in values if v is not None]
+    if not values:
+        return {"mean": None, "std": None, "n": 0}
+    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "n": len(values)}
+
+
+def cell_summary(runs: list) -> dict:
+    """What a cell's seeds did: state, failures by verdict, end NELBO of the passing runs (mean, std, n),
+    spikes (runs with one, total, the largest ratio and its step), skips, non-finite steps."""
+    verdicts: dict[str, int] = {}
+    for r in runs:
+        if not r["passed"] and r["verdict"] != "not run":
+            verdicts[r["verdict"]] = verdicts.get(r["verdict"], 0) + 1
+    spiky = [r["spikes"] for r in runs if r["spikes"]["count"]]
+    worst = max(spiky, key=lambda s: s["max_ratio"], default=None)
+    not_run = sum(r["verdict"] == "not run" for r in runs)
+    return {"state": cell_state(runs), "n_runs": len(runs), "not_run": not_run,
+            "failed": sum(not r["passed"] for r in runs) - not_run,
+            "failures": verdicts, "end_nelbo": _stat([r["end_nelbo"] for r in runs if r["passed"]]),
+            "spikes": {"runs_with_spikes": len(spiky), "count": sum(s["count"] for s in spiky),
+                       "max_ratio": worst["max_ratio"] if worst else None, "max_step": worst["max_step"] if worst else None},
+            "grad_skips": sum(r["grad_skips"] for r in runs), "amp_skips": sum(r["amp_skips"] for r in runs),
+            "nonfinite_steps": sum(r["nonfinite_steps"] for r in runs)}
+
+
+def margins(states: dict, lrs: list, names: list) -> dict:
+    """Per variant: ``margin``, ``first_failing``, ``settled``, ``passes_above_failure``, ``ratio`` (over
+    vanilla's margin). ``states[(name, lr)]`` is :func:`cell_state`'s True / False / None."""
+    out = {}
+    for name in names:
+        state = [states.get((name, lr)) for lr in lrs]
+        first_fail = next((lr for lr, ok in zip(lrs, state) if ok is False), None)
+        below = [lr for lr, ok in zip(lrs, state) if ok is True and (first_fail is None or lr < first_fail)]
+        margin = below[-1] if below else None
+        if margin is None:
+            settled = first_fail == lrs[0]
+        else:
+            i = lrs.index(margin)
+            settled = i == len(lrs) - 1 or lrs[i + 1] == first_fail
+        out[name] = {"margin": margin, "first_failing": first_fail, "settled": settled,
+                     "passes_above_failure": any(ok is True for lr, ok in zip(lrs, state)
+                                                 if first_fail is not None and lr > first_fail)}
+    base = out.get("vanilla", {}).get("margin")
+    for row in out.values():
+        row["ratio"] = row["margin"] / base if base and row["margin"] else None
+    return out
+
+
+def _loss(stat: dict, of: int) -> str:
+    if stat["mean"] is None:
+        return "—"
+    text = f"{stat['mean']:.3g} ± {stat['std']:.2g}" if stat["n"] > 1 else f"{stat['mean']:.3g}"
+    return text + (f" ({stat['n']} of {of})" if stat["n"] < of else "")
+
+
+def _cell_text(summary: dict) -> str:
+    if summary["state"] is None:
+        return "not run"
+    if summary["state"]:
+        text = f"pass · {_loss(summary['end_nelbo'], summary['n_runs'])}"
+    else:
+        why = ", ".join(f"{k} {v}" for k, v in sorted(summary["failures"].items()))
+        ran = summary["n_runs"] - summary["not_run"]
+        text = f"**{summary['failed']}/{ran} failed** ({why})" + (f", {summary['not_run']} not run" if summary["not_run"] else "")
+        if summary["end_nelbo"]["n"]:
+            text += f" · {_loss(summary['end_nelbo'], summary['n_runs'])}"
+    if summary["spikes"]["runs_with_spikes"]:
+        text += f" · spikes in {summary['spikes']['runs_with_spikes']} (max {summary['spikes']['max_ratio']:.2g}×)"
+    return text
+
+
+def grid_lines(summaries: dict, lrs: list, names: list) -> list:
+    """The grid for one skip policy: a row per variant, a column per rate; each cell the verdict and
+    the end NELBO of its passing runs (mean ± std over seeds)."""
+    rows = [[f"`{n}`"] + [_cell_text(summaries[(n, lr)]) for lr in lrs] for n in names]
+    return markdown.table(["variant"] + [f"lr {fmt_lr(lr)}" for lr in lrs], rows)
+
+
+def _margin_cells(m: dict, summaries: dict, name: str) -> list:
+    margin = m["margin"]
+    if margin is None:
+        text = "none" if m["settled"] else "not known yet"
+    else:
+        text = fmt_lr(margin) + ("" if m["settled"] else " (≥; rate above not run)")
+    ratio = f"×{m['ratio']:.3g}" if m["ratio"] else "—"
+    loss = _loss(summaries[(name, margin)]["end_nelbo"], summaries[(name, margin)]["n_runs"]) if margin else "—"
+    return [text, ratio, loss]
+
+
+def margin_lines(results: dict, summaries: dict, names: list) -> list:
+    """Margins side by side, one group of columns per skip policy: margin, × vanilla, end NELBO there."""
+    policies = list(results)
+    header = ["variant"] + [h + f" (skip {p})" for p in policies for h in ("margin", "× vanilla", "end NELBO at margin")]
+    rows = [[f"`{n}`"] + [c for p in policies for c in _margin_cells(results[p][n], summaries[p], n)] for n in names]
+    return markdown.table(header, rows)
+
+
+def _why(run: dict) -> str:
+    if run["verdict"] == "untrained":
+        return (f"did not end trained: end NELBO {run['end_nelbo']:.3g} vs first step's {run['first_nelbo']:.3g}"
+                if run["end_nelbo"] is not None and run["first_nelbo"] is not None else "did not end trained")
+    if run["verdict"] in ("non-finite", "stalled") and run["first_failure"]:
+        return f"{run['verdict']}: {run['first_failure']}"
+    return f"{run['verdict']} ({run['status']})"
+
+
+def broke_lines(results: dict, cells: dict) -> list:
+    """At each variant's first failing rate, per skip policy: what broke, per seed (from the events'
+    provenance), and the largest spike of each run."""
+    lines = []
+    for policy, result in results.items():
+        for name, r in result.items():
+            if r["first_failing"] is None:
+                continue
+            lines.append(f"- `{name}`, skip {policy}, lr {fmt_lr(r['first_failing'])}:")
+            for run in cells[policy][(name, r["first_failing"])]:
+                spike = run["spikes"]
+                extra = (f"; {spike['count']} spike(s), largest {spike['max_ratio']:.3g}× at step {spike['max_step']}"
+                         if spike["count"] else "")
+                lines.append(f"  - seed {run['seed']}: {_why(run) if not run['passed'] else 'passed'}{extra}")
+    return lines
+
+
+def plot(summaries: dict, lrs: list, names: list, path: Path, title: str) -> None:
+    """One heat map per skip policy, side by side: failed seeds / seeds per (variant, rate), and below
+    the count the end NELBO of the passing runs; grey where a cell was not run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    policies = list(summaries)
+    fig, axes = plt.subplots(1, len(policies), figsize=(1.6 + 1.25 * len(lrs) * len(policies), 1.4 + 0.5 * len(names)),
+                             squeeze=False, sharey=True)
+    for ax, policy in zip(axes[0], policies):
+        frac = np.full((len(names), len(lrs)), np.nan)
+        for i, n in enumerate(names):
+            for j, lr in enumerate(lrs):
+                s = summaries[policy][(n, lr)]
+                if s["state"] is not None:
+                    frac[i, j] = s["failed"] / (s["n_runs"] - s["not_run"])
+                    loss = s["end_nelbo"]["mean"]
+                    text = f"{s['failed']}/{s['n_runs'] - s['not_run']}" + (f"\n{loss:.3g}" if loss is not None else "")
+                else:
+                    text = "not run"
+                ax.text(j, i, text, ha="center", va="center", fontsize=8,
+                        color="white" if frac[i, j] > 0.5 else "black")
+        cmap = matplotlib.colormaps["Reds"].copy()
+        cmap.set_bad("#dddddd")
+        ax.imshow(np.ma.masked_invalid(frac), cmap=cmap, vmin=0, vmax=1, aspect="auto")
+        ax.set_xticks(range(len(lrs)), [fmt_lr(lr) for lr in lrs])
+        ax.set_yticks(range(len(names)), names)
+        ax.set_xlabel("learning rate")
+        ax.set_title(f"skip rule: {policy}", fontsize=10)
+    fig.suptitle(textwrap.fill(title, 110), fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
