@@ -152,6 +152,81 @@ def _softclamp(p):
     return torch.exp(c) + 0.01, log_eps + F.softplus(c - log_eps)
 
 
+# Closed-form derivatives, for the one-node block math (``vaepatch.blockmath``): per name,
+# ``fn(p, *params, need_scale) -> (scale, log_scale, dscale/dp, dlog_scale/dp)`` on float32 ``p``,
+# computed without autograd (so an unselected branch's inf or NaN never reaches a gradient); scale and
+# dscale may be None when ``need_scale`` is false (a prior needs only its log). A factor that is the
+# same everywhere is a Python float. Names without one (naive_exp, downbounded, softclamp) use autograd.
+_DERIVATIVES: dict = {}
+LOWER_BOUNDED = {"bounded", "constant", "downbounded", "softclamp"}  # log sigma has a floor: no clamp needed
+
+
+def derivatives(name: str):
+    """Register ``fn(p, *params, need_scale) -> (scale, log_scale, dscale, dlog_scale)`` for ``name``."""
+    def decorate(fn):
+        _DERIVATIVES[name] = fn
+        return fn
+    return decorate
+
+
+@derivatives("exp")
+def _exp_d(p, need_scale=True):
+    scale = torch.exp(p) if need_scale else None
+    return scale, p, scale, 1.0
+
+
+@derivatives("explin")
+def _explin_d(p, need_scale=True):
+    n = torch.clamp(p, max=0.0)
+    q = torch.clamp(p, min=0.0)
+    log_scale = torch.log1p(q).add_(n)
+    dlog = q.add(1.0).reciprocal_()  # 1 / (1 + p+): 1 below 0
+    if not need_scale:
+        return None, log_scale, None, dlog
+    en = n.exp_()  # n is not needed any more
+    return en + q, log_scale, en, dlog  # dsigma = exp(p-): 1 above 0
+
+
+# The forms below use only clamps and vectorized arithmetic (on CPU, torch.where and comparisons
+# cost 5-30x an exp); log(2 - exp(-p+)) and log(sigma >= alpha) are accurate to float32 rounding.
+@derivatives("upbounded")
+def _upbounded_d(p, omega, need_scale=True):
+    n = torch.clamp(p, max=0.0)
+    r = torch.clamp(p, min=0.0).neg_().exp_()  # exp(-p+): 1 below 0
+    two_minus_r = torch.sub(2.0, r)  # 1 below 0
+    log_half = math.log(omega / 2.0)
+    log_scale = torch.log(two_minus_r).add_(n).add_(log_half)
+    dlog = torch.div(r, two_minus_r)  # 1 below 0, exp(-p) / (2 - exp(-p)) above
+    if not need_scale:
+        return None, log_scale, None, dlog
+    en = n.exp_()  # exp(p-): 1 above 0; n is not needed any more
+    scale = torch.sub(en, r).add_(1.0).mul_(omega / 2.0)  # omega/2 (exp(p-) + 1 - exp(-p+))
+    return scale, log_scale, en.mul_(r).mul_(omega / 2.0), dlog  # dsigma = omega/2 exp(-|p|)
+
+
+@derivatives("bounded")
+def _bounded_d(p, alpha, omega, need_scale=True):
+    s = torch.sigmoid(p)
+    scale = (s * (omega - alpha)).add_(alpha)
+    dscale = torch.sigmoid(-p).mul_(s).mul_(omega - alpha)  # sigmoid(-p), not 1 - s: exact where s rounds to 1
+    return scale, torch.log(scale), dscale, dscale / scale
+
+
+@derivatives("constant")
+def _constant_d(p, c, need_scale=True):
+    return c, math.log(c), 0.0, 0.0
+
+
+@derivatives("softplus")
+def _softplus_d(p, beta, need_scale=True):
+    scale, log_scale = _REGISTRY["softplus"].function(p, beta)
+    x = beta * p
+    dscale = torch.sigmoid(x)
+    # dlog = beta sigmoid(x) / softplus(x) -> beta as x -> -inf, where both underflow
+    dlog = torch.where(x < -30.0, beta, (beta * dscale).div_(F.softplus(x)))
+    return scale, log_scale, dscale, dlog
+
+
 @dataclass(frozen=True)
 class Scale:
     """A named parameterization; call it on a raw tensor to get ``(scale, log_scale)``."""
@@ -169,6 +244,20 @@ class Scale:
 
     def __call__(self, p: torch.Tensor):
         return _REGISTRY[self.name].function(p, *self.args)
+
+    @property
+    def has_derivatives(self) -> bool:
+        return self.name in _DERIVATIVES
+
+    @property
+    def lower_bounded(self) -> bool:
+        """Whether log sigma has a floor (no clamp needed before exp(-log sigma))."""
+        return self.name in LOWER_BOUNDED
+
+    def derivatives(self, p: torch.Tensor, need_scale: bool = True):
+        """``(scale, log_scale, dscale/dp, dlog_scale/dp)`` on float32 ``p``, without autograd (scale and
+        dscale None where ``need_scale`` is false and the form saves work by it)."""
+        return _DERIVATIVES[self.name](p, *self.args, need_scale=need_scale)
 
     def __str__(self):
         return self.spec

@@ -42,13 +42,14 @@ from vaepatch.variant import Variant
 
 __all__ = ["log_grid", "next_rate", "collect", "run_grid", "main"]
 
-VARIANTS = ("vanilla,upbounded1,explin,upbounded1-cst1,explin-cst1,softplus-ln2,upbounded1-floor,"
-            "qfloor-cst1,qfloor-floor")
+# In priority order (a grid that is stopped early has run the first ones' cells first).
+VARIANTS = ("vanilla,qfloor-cst1,qfloor-floor,upbounded1-cst1,upbounded1-floor,upbounded1,explin-cst1,explin,"
+            "softplus-ln2")
 DEFAULTS = {"vdvae": dict(lrs="0.005:0.16:6", start=0.02, seeds="0,1,2", steps=1000, dead=100, variants=VARIANTS,
                           skip="both"),
             "nvae": dict(lrs="0.0316:1:4", start=0.1, seeds="0,1,2", steps=1000, dead=100,
-                         variants="vanilla,softplus-ln2,upbounded1,upbounded1-cst1,upbounded1-floor,qfloor-cst1,"
-                                  "qfloor-floor", skip="upstream")}
+                         variants="vanilla,qfloor-cst1,qfloor-floor,upbounded1-cst1,upbounded1-floor,upbounded1,"
+                                  "softplus-ln2", skip="upstream")}
 QUICK = dict(lrs="0.001:0.1:2", start=0.001, seeds="0", steps=4, dead=3, variants="vanilla,upbounded1")
 
 
@@ -118,45 +119,88 @@ def _command(target, tiny, run_dir, data, policy, name, lr, seed, steps, dead, e
             *tiny.SKIP_POLICIES[policy], *extra]
 
 
+class _Searches:
+    """Which run to start next: the (policy, variant) searches in priority order, each stepping through
+    the grid as its cells finish; a cell that has started runs all its seeds (its count is x/seeds)."""
+
+    def __init__(self, out, policies, names, lrs, seeds, steps, start, every_cell):
+        self.out, self.lrs, self.seeds, self.steps, self.every_cell = out, lrs, seeds, steps, every_cell
+        self.start = lrs[0] if start is None else min(lrs, key=lambda lr: abs(lr - start))
+        self.searches = [(p, n) for p in policies for n in names]
+        self.known: dict = {}  # run dir -> verdict of a finished run (they do not change)
+
+    def _verdict(self, run_dir: Path) -> dict:
+        if run_dir in self.known:
+            return self.known[run_dir]
+        result = verdict.judge_dir(run_dir, self.steps)
+        if _finished(run_dir):
+            self.known[run_dir] = result
+        return result
+
+    def _state(self, p, n, lr, busy) -> bool | None:
+        runs = [self._verdict(d) if d not in busy else {"verdict": "not run", "passed": False}
+                for d in (_run_dir(self.out, p, n, lr, s) for s in self.seeds)]
+        return report.cell_state(runs)
+
+    def next_run(self, busy: set):
+        """``(policy, variant, lr, seed)`` of the next run to start, or None (nothing startable now)."""
+        for p, n in self.searches:
+            started = [lr for lr in self.lrs if any(_finished(d) or d in busy for d in
+                                                    (_run_dir(self.out, p, n, lr, s) for s in self.seeds))]
+            if self.every_cell:
+                cells = self.lrs
+            else:
+                rate = next_rate({lr: self._state(p, n, lr, busy) for lr in started}, self.lrs, self.start)
+                cells = started + ([rate] if rate is not None and rate not in started else [])
+            for lr in cells:
+                for s in self.seeds:
+                    d = _run_dir(self.out, p, n, lr, s)
+                    if d not in busy and not _finished(d):
+                        return p, n, lr, s
+        return None
+
+
 def run_grid(target: str, out: Path, policies, names, lrs, seeds, steps: int, dead: int, *, start=None, jobs: int = 2,
              extra=(), upstream=None, every_cell: bool = False, launch=_one) -> dict:
-    """Run what is not finished yet, ``jobs`` runs at a time, round by round (each search's next cell);
-    returns :func:`collect`'s cells."""
+    """Run what is not finished yet, ``jobs`` runs at a time, the searches' runs in priority order (the
+    policies, then the variants, as given: the first search's next run always goes first); returns
+    :func:`collect`'s cells."""
+    from concurrent.futures import FIRST_COMPLETED, wait
+
     from tqdm import tqdm
 
     tiny = importlib.import_module(f"vaepatch.targets.{target}.tiny")  # make_data, run_args, SKIP_POLICIES
     data = tiny.make_data(out / "data", steps)
-    start = lrs[0] if start is None else min(lrs, key=lambda lr: abs(lr - start))
-    for round_number in range(1, 2 * len(lrs) + 2):
-        cells = collect(out, policies, names, lrs, seeds, steps)
-        wanted = []
-        for p in policies:
-            for n in names:
-                rates = lrs if every_cell else [next_rate(
-                    {lr: report.cell_state(cells[p][(n, lr)]) for lr in lrs}, lrs, start)]
-                wanted += [(p, n, lr, s) for lr in rates if lr is not None for s in seeds]
-        todo = []
-        for p, n, lr, s in wanted:
-            run_dir = _run_dir(out, p, n, lr, s)
-            if _finished(run_dir):
-                continue
-            if run_dir.exists():  # an interrupted attempt: start that run over
-                shutil.rmtree(run_dir)
-            run_dir.mkdir(parents=True)
-            todo.append((_command(target, tiny, run_dir, data, p, n, lr, s, steps, dead, extra, upstream),
-                         run_dir / "stdout.txt"))
-        if not todo:
-            break
-        rates = sorted({lr for _, _, lr, _ in wanted})
-        desc = f"stability margin ({target}) round {round_number}: lr {', '.join(map(report.fmt_lr, rates))}"
-        with ThreadPoolExecutor(max(1, jobs)) as pool:
-            codes = list(tqdm(pool.map(launch, todo), total=len(todo), desc=desc, file=sys.stderr))
-        if all(code != 0 for code in codes):
-            tail = Path(todo[0][1]).read_text()[-2000:] if Path(todo[0][1]).exists() else ""
-            raise SystemExit(f"vaepatch bench stability-margin: every run of this round failed to run; "
-                             f"the first one's output ({todo[0][1]}):\n{tail}")
-        if every_cell:
-            break
+    searches = _Searches(out, policies, names, lrs, seeds, steps, start, every_cell)
+    running: dict = {}  # future -> (run dir, its stdout)
+    codes = []
+    bar = tqdm(desc=f"stability margin ({target}): runs", unit="run", file=sys.stderr)
+    with ThreadPoolExecutor(max(1, jobs)) as pool:
+        while True:
+            while len(running) < max(1, jobs):
+                job = searches.next_run({d for d, _ in running.values()})
+                if job is None:
+                    break
+                p, n, lr, s = job
+                run_dir = _run_dir(out, p, n, lr, s)
+                if run_dir.exists():  # an interrupted attempt: start that run over
+                    shutil.rmtree(run_dir)
+                run_dir.mkdir(parents=True)
+                command = _command(target, tiny, run_dir, data, p, n, lr, s, steps, dead, extra, upstream)
+                running[pool.submit(launch, (command, run_dir / "stdout.txt"))] = (run_dir, run_dir / "stdout.txt")
+                bar.set_postfix_str(f"last started: skip {p}, {n}, lr {report.fmt_lr(lr)}, seed {s}")
+            if not running:
+                break
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in done:
+                run_dir, log = running.pop(future)
+                codes.append((future.result(), log))
+                bar.update(1)
+            if len(codes) >= 2 * max(1, jobs) and all(code != 0 for code, _ in codes):
+                tail = Path(codes[0][1]).read_text()[-2000:] if Path(codes[0][1]).exists() else ""
+                raise SystemExit(f"vaepatch bench stability-margin: the first {len(codes)} runs all failed to run; "
+                                 f"the first one's output ({codes[0][1]}):\n{tail}")
+    bar.close()
     return collect(out, policies, names, lrs, seeds, steps)
 
 
@@ -192,7 +236,7 @@ def main(argv=None) -> int:
     parser, args, extra = _parse(list(sys.argv[1:] if argv is None else argv))
     out = Path(args.out or f"vaepatch-margin-{args.target}").resolve()
     tiny = importlib.import_module(f"vaepatch.targets.{args.target}.tiny")
-    policies = list(tiny.SKIP_POLICIES) if args.skip == "both" else [args.skip]
+    policies = sorted(tiny.SKIP_POLICIES, key=lambda p: p != "off") if args.skip == "both" else [args.skip]
     if any(p not in tiny.SKIP_POLICIES for p in policies):
         parser.error(f"--skip {args.skip}: {args.target} has no skip rule to turn off (policies: "
                      f"{', '.join(tiny.SKIP_POLICIES)}); its runs already apply every finite update")

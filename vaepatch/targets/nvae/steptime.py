@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import statistics
 import sys
 
 import torch
@@ -82,9 +83,10 @@ def measure(variant="upbounded1", steps=STEPS, warmup=WARMUP, threads=None, seed
 
             return step
 
-        med = timing.interleaved({name: step_fn(name, m) for name, m in models.items()}, steps, warmup,
-                                 desc=f"NVAE vanilla vs {variant}", before=timing.toggle(patchset))
-    result = timing.row(variant, med, steps)
+        times = timing.rounds({name: step_fn(name, m) for name, m in models.items()}, steps, warmup,
+                              desc=f"NVAE vanilla vs {variant}", before=timing.toggle(patchset))
+    med = {name: statistics.median(ts) for name, ts in times.items()}
+    result = timing.row(variant, med, steps, ratios=timing.ratio(times, "patched"))
     result["losses"] = losses
     return result
 

@@ -20,7 +20,7 @@ from vaepatch import cifar_format, upstream
 from vaepatch.api import apply
 from vaepatch.patching import Patch, PatchSet
 from vaepatch.runs import manifest as run_manifest
-from vaepatch.runs.launch import (check_max_steps, destroy_process_group, find_clone, require_device,
+from vaepatch.runs.launch import (check_max_steps, choose_fuse, destroy_process_group, find_clone, require_device,
                                   resolve_variant, shim_record, stalled_since)
 from vaepatch.runs.manifest import LaunchError
 from vaepatch.runs.events import STALL_STEPS
@@ -113,11 +113,14 @@ def run_vdvae(variant: str, out: str | os.PathLike, train_args: list[str], *, up
                           "attempt, and this one starts from scratch (no --restore_path): its steps would mix "
                           "two trajectories. Continue with VDVAE's --restore_* flags, or use a new --out.")
     shims = install_shims(cpu)
+    fuse, fuse_reason = choose_fuse(fuse, cpu, resolved)
+    if rank == 0:
+        print(f"vaepatch: block math {fuse_reason}", flush=True)
     handle = None
     saved_argv, saved_main = sys.argv, sys.modules.get("__main__")
     session = {"started": run_manifest.now(), "argv": list(train_args), "resumed_after_step": writer.resumed_from}
     manifest.update(
-        world_size=world, device="cpu" if cpu else "cuda", fuse=bool(fuse) if fuse is not None else None,
+        world_size=world, device="cpu" if cpu else "cuda", fuse=fuse, fuse_reason=fuse_reason,
         compat=shim_record(shims), max_steps=max_steps, stall_steps=stall_steps, stop_when_stalled=stop_when_stalled,
         stop_at_nonfinite=stop_at_nonfinite,
         upstream_path=str(location), upstream_logdir=str(Path(H.save_dir or ".", H.desc or "test").resolve()),
@@ -192,7 +195,9 @@ def check_data(H) -> None:
 
 def add_arguments(parser) -> None:
     """``vaepatch run vdvae``'s own options."""
-    parser.add_argument("--fuse", action="store_true", default=None, help="torch.compile the patched block math")
+    parser.add_argument("--fuse", action=argparse.BooleanOptionalAction, default=None,
+                        help="torch.compile the patched block math (default: yes on a GPU where torch.compile works, "
+                             "no on CPU; run.json says which ran)")
 
 
 def run_from_args(args, train_args: list) -> dict:

@@ -30,7 +30,7 @@ import warnings
 
 import torch
 
-from vaepatch import gaussian, scales
+from vaepatch import blockmath, gaussian, scales
 from vaepatch.patching import Patch
 from vaepatch.targets.vdvae.ou import OUSource, split_prior, smoothed_prior
 
@@ -86,12 +86,15 @@ def build(variant, modules, fuse=False):
     smoothing = variant.ou if variant.ou is not None and variant.ou.rho < 1 else None
 
     def draw_and_kl(qm, qv, pm, pv, eps):
-        """z ~ q and KL(q || p) from the raw head outputs: all of a block's elementwise math."""
-        q_scale, q_log_scale = posterior(qv)
-        _, p_log_scale = prior(pv)
-        return gaussian.rsample(qm, q_scale, eps), gaussian.kl(qm, q_log_scale, pm, p_log_scale)
+        """z ~ q and KL(q || p) from the raw head outputs: all of a block's elementwise math, one
+        autograd node (``vaepatch.blockmath``)."""
+        return blockmath.draw_and_kl(qm, qv, pm, pv, eps, posterior, prior)
 
-    block_math = fused(draw_and_kl) if fuse else draw_and_kl
+    def draw_and_kl_traced(qm, qv, pm, pv, eps):
+        """The same through autograd, for torch.compile to fuse forward and backward."""
+        return blockmath.draw_and_kl_autograd(qm, qv, pm, pv, eps, posterior, prior)
+
+    block_math = fused(draw_and_kl_traced) if fuse else draw_and_kl
 
     def sample(self, x, acts):
         """Posterior draw and stable KL for one block (replaces DecBlock.sample)."""

@@ -9,6 +9,7 @@ so drift in the machine's speed hits both alike; the ratio is median patched / m
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 
 import torch
@@ -53,36 +54,61 @@ def _memory(models, optimizers, x, before) -> dict:
 
 def measure(variant="upbounded1", steps=30, warmup=5, threads=None, seed=0, fuse=False, device="cpu", size="tiny",
             memory=False):
-    """Median step seconds for vanilla and the variant, interleaved, and their ratio.
+    """Median step seconds for vanilla and the variant, interleaved, and their ratio (the median of
+    per-round ratios, with quartiles). ``fuse``: False, True, or a list of both (then one row each,
+    all timed in the same rounds against the same vanilla).
 
     ``size``: "tiny" (the CPU bench's model) or "cifar10" (upstream's full ``--hps cifar10``, batch 16
     as upstream). ``memory``: also each model's peak memory of one more step (:func:`_memory`).
     """
     import vaepatch
 
+    modes = list(fuse) if isinstance(fuse, (list, tuple)) else [bool(fuse)]
     if threads:
         torch.set_num_threads(threads)
     build = SIZES[size]
     device = torch.device(device)
+    names = {mode: "fused" if mode else "eager" for mode in modes}
     vaepatch.revert("vdvae")
-    # apply locates, verifies and imports the clone (or says what to run); built once, toggled per step
-    patchset = vaepatch.apply(variant, target="vdvae", fuse=fuse).patchset
+    patchsets = {}
     try:
-        patchset.revert()
+        # apply locates, verifies and imports the clone (or says what to run); built once per mode, toggled per step
+        for mode in modes:
+            patchsets[names[mode]] = vaepatch.apply(variant, target="vdvae", fuse=mode).patchset
+            vaepatch.revert("vdvae")
         with torch.device(device):  # weights drawn where they live (a full model builds in seconds on a GPU)
-            H, model = build(seed)
-            _, twin = build(seed)  # not deepcopy: upstream's z_fn/final_fn lambdas would still point at `model`
-        twin.load_state_dict(model.state_dict())
-        models = {"vanilla": model.to(device), "patched": twin.to(device)}  # same weights, same batch
+            # not deepcopy: upstream's z_fn/final_fn lambdas would still point at the first model
+            models = {name: build(seed) for name in ["vanilla", *names.values()]}
+        H = models["vanilla"][0]
+        models = {name: m.to(device) for name, (_, m) in models.items()}
+        for m in models.values():
+            m.load_state_dict(models["vanilla"].state_dict())  # same weights, same batch
         x = batch(H.n_batch, seed)[0].to(device)
         optimizers = {name: torch.optim.SGD(m.parameters(), lr=1e-6) for name, m in models.items()}
         step_fns = {name: (lambda i, m=m, opt=optimizers[name]: _step(m, opt, x)) for name, m in models.items()}
-        med = timing.interleaved(step_fns, steps, warmup, desc=f"vanilla vs {variant}{' (fused)' if fuse else ''}",
-                                 before=timing.toggle(patchset))
-        extra = {"memory": _memory(models, optimizers, x, timing.toggle(patchset))} if memory else {}
+
+        def switch(name):  # only the named mode's patches applied (none for vanilla)
+            for ps in patchsets.values():
+                ps.revert()
+            if name in patchsets:
+                patchsets[name].apply()
+
+        times = timing.rounds(step_fns, steps, warmup, desc=f"vanilla vs {variant} ({', '.join(names.values())})",
+                              before=switch)
+        extra = {"memory": _memory(models, optimizers, x, switch)} if memory else {}
     finally:
+        for ps in patchsets.values():
+            ps.revert()
         vaepatch.revert("vdvae")
-    return timing.row(variant, med, steps, fuse=fuse, device=str(device), size=size, batch=H.n_batch, **extra)
+    medians = {name: statistics.median(ts) for name, ts in times.items()}
+    rows = []
+    for mode in modes:
+        name = names[mode]
+        row_extra = {"memory": {"vanilla": extra["memory"]["vanilla"], "patched": extra["memory"][name]}} if memory else {}
+        rows.append(timing.row(variant, {"vanilla": medians["vanilla"], "patched": medians[name]}, steps,
+                               ratios=timing.ratio(times, name), fuse=mode, device=str(device), size=size,
+                               batch=H.n_batch, **row_extra))
+    return rows if isinstance(fuse, (list, tuple)) else rows[0]
 
 
 def measure_observers(steps=30, warmup=5, threads=None, seed=0):
@@ -126,7 +152,7 @@ def measure_observers(steps=30, warmup=5, threads=None, seed=0):
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="vaepatch bench vdvae-step-time", description=__doc__.split("\n\n")[0])
     parser.add_argument("--variants", default="upbounded1,explin,upbounded1-cst1", help="comma-separated variants to time against vanilla")
-    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--steps", type=int, default=30, help="timed rounds (each: one step of every model)")
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--fuse", choices=["off", "on", "both"], default="both",
@@ -139,7 +165,7 @@ def main(argv=None) -> int:
         print(timing.table([row], args.steps, args.warmup).replace("vanilla ms", "  plain ms").replace("patched ms", "hooked ms"))
         return 0
     modes = {"off": [False], "on": [True], "both": [False, True]}[args.fuse]
-    rows = [measure(v.strip(), args.steps, args.warmup, args.threads, fuse=f)
-            for v in args.variants.split(",") if v.strip() for f in modes]
+    rows = [row for v in args.variants.split(",") if v.strip()
+            for row in measure(v.strip(), args.steps, args.warmup, args.threads, fuse=modes)]
     print(timing.table(rows, args.steps, args.warmup, columns=[("fused", 6, lambda r: "yes" if r["fuse"] else "no")]))
     return 0
