@@ -4,7 +4,7 @@
 # (AMP's GradScaler skips appear as amp_skips).
 #
 # Defaults are the NVAE README's CIFAR-10 command (8 GPUs, 400 epochs, --res_dist, --num_nf 1,
-# --fast_adamax), seeds 0-2, all six built-in variants. NVAE starts one process per GPU itself
+# --fast_adamax), seeds 0-2, the paper's six Table 4 variants (vaepatch variants lists all). NVAE starts one process per GPU itself
 # (--gpus N becomes --num_process_per_node N). Each run lives in OUT/<variant>-seed<S>/
 # (run.json, events.jsonl, and NVAE's own log and checkpoint under nvae/eval-<name>/).
 # Re-running the script skips completed runs and continues interrupted ones from NVAE's

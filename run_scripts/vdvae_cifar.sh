@@ -3,7 +3,7 @@
 # `vaepatch run vdvae`, ending with the per-variant table of NaN steps and skipped updates.
 #
 # Defaults are the setup of Dehaene & Brossard's Table 4: --hps cifar10, 2 GPUs (MPI ranks),
-# 300 epochs, seeds 0-2, all six built-in variants. Each run lives in OUT/<variant>-seed<S>/
+# 300 epochs, seeds 0-2, the paper's six Table 4 variants (vaepatch variants lists all). Each run lives in OUT/<variant>-seed<S>/
 # (run.json, events.jsonl, and VDVAE's own logs and checkpoints under vdvae/). Re-running the
 # script skips completed runs and resumes interrupted ones from VDVAE's `latest` checkpoint.
 #

@@ -44,6 +44,14 @@ def test_quick_demo_writes_launcher_format_runs(tmp_path, capsys):
         assert not run.problems and run.counts.nan_steps == len(failed)
     assert all(len(s) == 1 for s in specs.values()) and len(set().union(*specs.values())) == 4  # a variant per encoder
     assert (out / "demo.png").read_bytes()[:4] == b"\x89PNG"
-    for encoder in demo.ENCODERS:  # the per-variant table and the closing line
+    for encoder in demo.ENCODERS:  # the per-variant table
         assert re.search(rf"\| encoder={encoder},decoder={demo.DECODER} \| 2 \|", printed)
-        assert re.search(rf"{encoder}: \d/2 hit NaN", printed)
+    # the demo's claim: the naive log(exp(p)) encoder hits NaN (within 40 steps, seeds 0 and 1), the
+    # exact-log encoders do not
+    statuses = {d.name: json.loads((d / "run.json").read_text())["status"] for d in run_dirs}
+    for seed in (0, 1):
+        assert statuses[f"naive_exp-seed{seed}"].startswith("failed: NaN at step")
+        assert statuses[f"explin-seed{seed}"] == statuses[f"upbounded1-seed{seed}"] == "completed"
+    assert "naive_exp: 2/2 hit NaN" in printed and "explin: 0/2 hit NaN" in printed
+    assert "upbounded1: 0/2 hit NaN" in printed
+    assert " | eval loss" not in printed and "AMP skips" not in printed  # columns empty in every row left out

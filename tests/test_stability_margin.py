@@ -46,7 +46,7 @@ def test_cells_not_run_are_unknown_never_failures():
 
 def _run(**over):
     base = {"verdict": "passed", "passed": True, "end_nelbo": 4.0, "grad_skips": 0, "amp_skips": 0,
-            "nonfinite_steps": 0, "spikes": {"count": 0, "max_ratio": None, "max_step": None}}
+            "nonfinite_loss_steps": 0, "spikes": {"count": 0, "max_ratio": None, "max_step": None}}
     return {**base, **over}
 
 
@@ -127,7 +127,7 @@ def test_the_grid_runs_only_the_deciding_cells_under_each_skip_policy(tmp_path, 
 
     launched = []
     cells = sm.run_grid("vdvae", tmp_path, ["upstream", "off"], ["vanilla", "qfloor-cst1"], lrs, [0, 1], steps=4,
-                        dead=5, start=0.02, jobs=1, launch=_fake_launcher(outcomes, launched))
+                        stall_steps=5, start=0.02, jobs=1, launch=_fake_launcher(outcomes, launched))
     ran = sorted({(c[c.index("--variant") + 1], float(c[c.index("--lr") + 1]), "--skip_threshold" in c) for c in launched})
     assert ran == [("qfloor-cst1", 0.01, False), ("qfloor-cst1", 0.02, False), ("qfloor-cst1", 0.02, True),
                    ("qfloor-cst1", 0.04, True), ("qfloor-cst1", 0.08, True),
@@ -146,7 +146,7 @@ def test_the_grid_runs_only_the_deciding_cells_under_each_skip_policy(tmp_path, 
     assert all(r["settled"] for p in result for r in result[p].values())
     # rerun: every deciding run is finished, nothing launches again
     again = []
-    sm.run_grid("vdvae", tmp_path, ["upstream", "off"], ["vanilla", "qfloor-cst1"], lrs, [0, 1], steps=4, dead=5,
+    sm.run_grid("vdvae", tmp_path, ["upstream", "off"], ["vanilla", "qfloor-cst1"], lrs, [0, 1], steps=4, stall_steps=5,
                 start=0.02, jobs=1, launch=_fake_launcher(outcomes, again))
     assert again == []
 
@@ -157,7 +157,7 @@ def test_an_interrupted_run_is_started_over_and_a_launcher_that_dies_is_recorded
     monkeypatch.setattr(tiny, "make_data", lambda dest, steps: dest)
     _write_run(sm._run_dir(tmp_path, "upstream", "vanilla", 0.01, 0), "running", [6.0])  # killed mid-run
     launched = []
-    sm.run_grid("vdvae", tmp_path, ["upstream"], ["vanilla"], [0.01], [0], steps=4, dead=5, jobs=1,
+    sm.run_grid("vdvae", tmp_path, ["upstream"], ["vanilla"], [0.01], [0], steps=4, stall_steps=5, jobs=1,
                 launch=_fake_launcher(lambda *a: [6.0, 5.0, 4.0, 3.0], launched))
     assert len(launched) == 1
     # a launcher that exits before writing run.json: recorded as crashed, not retried forever
@@ -183,7 +183,7 @@ def test_quick_grid_end_to_end_on_the_real_vdvae(tmp_path):
     out = tmp_path / "m"
     assert sm.main(["--quick", "--out", str(out)]) == 0
     data = json.loads((out / "margin.json").read_text())
-    assert data["meta"]["variants"] == ["vanilla", "upbounded1"] and data["meta"]["skip"] == ["upstream", "off"]
+    assert data["meta"]["variants"] == ["vanilla", "upbounded1"] and data["meta"]["skip"] == ["off", "upstream"]
     ran = [c for c in data["cells"] if c["state"] is not None]
     assert {c["skip"] for c in ran} == {"upstream", "off"}
     for cell in ran:

@@ -40,7 +40,7 @@ def test_a_non_finite_loss_fails_even_if_the_run_goes_on(tmp_path):
     losses[50] = None
     run = _run(tmp_path, "nan", losses)
     assert run["verdict"] == "non-finite" and not run["passed"]
-    assert run["nonfinite_steps"] == 1 and run["first_nonfinite_step"] == 50
+    assert run["nonfinite_loss_steps"] == 1 and run["first_nonfinite_loss_step"] == 50
 
 
 def test_a_stalled_run_fails(tmp_path):

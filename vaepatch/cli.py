@@ -10,7 +10,7 @@ commands:
   bench numerics   the paper's Table 1: where each KL implementation stops being finite
   bench vdvae-step-time  training-step time of the real openai/vdvae, patched / vanilla (needs a clone)
   bench nvae-step-time  training-step time of the real NVlabs/NVAE on CPU, patched / vanilla (needs a clone)
-  bench vdvae-stress  six variants x 3 seeds of the real openai/vdvae on CPU at a breaking lr (needs a clone)
+  bench vdvae-stress  every built-in variant x 3 seeds of the real openai/vdvae on CPU at a breaking lr (needs a clone)
   bench stability-margin  learning-rate headroom per variant on the real VDVAE or NVAE (tiny, CPU; needs a clone)
   bench overfit    Dehaene & Brossard Table 2 at CPU scale: conv VAE, encoder x decoder scales x LRs
   bench decoder-variance  their Table 3 at CPU scale: MNIST MLP VAE, decoded scale parameterizations
@@ -31,6 +31,11 @@ Run `vaepatch COMMAND --help` for a command's options."""
 def _variants(argv) -> int:
     from vaepatch import Variant, variants
 
+    if argv and argv[0] in ("-h", "--help"):
+        print("usage: vaepatch variants\n\nThe built-in variants: name, the scales it resolves to (posterior, prior, "
+              "decoder), and what it is. Any of them, a TOML file or an inline spec such as "
+              "'posterior=explin,prior=cst1' goes to vaepatch.apply and --variant.")
+        return 0
     if argv:
         print(f"vaepatch variants takes no arguments, got {argv}", file=sys.stderr)
         return 2

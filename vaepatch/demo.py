@@ -122,7 +122,8 @@ def main(argv=None) -> int:
     if others:
         print(f"warning: {out} also holds {len(others)} runs from earlier invocations (e.g. {others[0].name}); "
               "they are in the table too. Use a fresh --out to see only these.", file=sys.stderr)
-    report.main([str(out), "--plot", str(out / "demo.png")])
+    report.main([str(out)])
+    report.plot([report.load_run(p) for p in report.find_runs([out])], out / "demo.png", right="survival")
     sys.stdout.flush()
     print(f"\n{summary_line(results, ENCODERS)}.")
     print(f"{len(results)} runs, {steps_run} steps in {wall:.0f} s; runs and figure under {out}")

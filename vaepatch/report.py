@@ -19,10 +19,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from vaepatch.runs import events as _events
+from vaepatch import markdown
 from vaepatch.runs import logs as _logs
 from vaepatch.runs import verdict as _verdict
 
-__all__ = ["Run", "load_run", "find_runs", "summarize", "render", "plot", "main"]
+__all__ = ["Run", "load_run", "find_runs", "summarize", "render", "survival", "plot", "main"]
 
 
 
@@ -271,40 +272,62 @@ def render(summary: list[dict], fmt: str = "md") -> str:
         return buffer.getvalue().rstrip("\n")
     if fmt != "md":
         raise ValueError(f"unknown format {fmt!r}; use md, csv or json")
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(r) + " |" for r in rows(summary)]
+    table = rows(summary)
+    # a column with nothing in any row (eval losses of runs without an eval, AMP skips on CPU) is left out
+    keep = [i for i in range(len(COLUMNS)) if i < 3 or any(r[i] != "-" for r in table)]
+    lines = markdown.table([COLUMNS[i] for i in keep], [[r[i] for i in keep] for r in table])
     return "\n".join(lines + provenance_lines(summary))
 
 
-def plot(runs: list[Run], path) -> Path:
-    """The paper's Figure 2 shape: per variant (one colour), each seed's loss over finite steps and
-    its cumulative skipped updates, as thin lines."""
+def survival(runs: list[Run]) -> tuple[list[int], list[float]]:
+    """Steps and, per step, the share of ``runs`` with no non-finite loss up to it (a run that ended
+    cleanly before a step counts as free of NaN there)."""
+    first_nan = [next((s for s, loss, _ in run.curve if loss is None), None) for run in runs]
+    last = max((run.curve[-1][0] for run in runs if run.curve), default=0)
+    steps = list(range(last + 1))
+    return steps, [sum(f is None or f > s for f in first_nan) / len(runs) for s in steps]
+
+
+def plot(runs: list[Run], path, right: str = "skips") -> Path:
+    """Per variant (one colour): each seed's loss over finite steps as thin lines, and on the right
+    either each seed's cumulative skipped updates (``"skips"``: the paper's Figure 2) or the share of
+    the variant's runs still free of NaN at each step (``"survival"``)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax_loss, ax_skip) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (ax_loss, ax_right) = plt.subplots(1, 2, figsize=(11, 4))
     colors: dict[str, str] = {}
+    by_variant: dict[str, list] = {}
     for run in runs:
         if not run.curve:
             continue
         key = run.spec or run.variant
         first = key not in colors
         color = colors.setdefault(key, f"C{len(colors) % 10}")
+        by_variant.setdefault(key, []).append(run)
         label = run.variant if first else None
         finite = [(s, loss) for s, loss, _ in run.curve if loss is not None]
         if finite:
             ax_loss.plot(*zip(*finite), color=color, lw=0.7, alpha=0.8, label=label)
-        total, cumulative = 0, []
-        for _, _, skipped in run.curve:
-            total += skipped
-            cumulative.append(total)
-        ax_skip.plot([s for s, _, _ in run.curve], cumulative, color=color, lw=0.9, alpha=0.8, label=label)
+        if right == "skips":
+            total, cumulative = 0, []
+            for _, _, skipped in run.curve:
+                total += skipped
+                cumulative.append(total)
+            ax_right.plot([s for s, _, _ in run.curve], cumulative, color=color, lw=0.9, alpha=0.8, label=label)
     ax_loss.set(xlabel="step", ylabel="loss (finite steps only)", title="training loss", yscale="log")
-    ax_skip.set(xlabel="step", ylabel="skipped updates so far", title="cumulative skipped updates")
+    if right == "survival":
+        for key, members in by_variant.items():
+            steps, alive = survival(members)
+            ax_right.step(steps, alive, where="post", color=colors[key], lw=1.5,
+                          label=f"{members[0].variant} ({len(members)} runs)")
+        ax_right.set(xlabel="step", ylabel="share of runs", ylim=(-0.03, 1.03), title="runs still free of NaN")
+    else:
+        ax_right.set(xlabel="step", ylabel="skipped updates so far", title="cumulative skipped updates")
     if colors:
-        ax_skip.legend(fontsize=8)
+        ax_right.legend(fontsize=8)
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -7,7 +7,7 @@ upstream's own rule: VDVAE skips an update whose gradient norm exceeds 400) and 
 ``--skip_threshold -1``; a step with a non-finite loss is still not applied). NVAE has no skip rule.
 
 Each run is judged by where it ends (``vaepatch.runs.verdict``): it fails on a non-finite loss, a
-stall (its last ``--dead`` steps had no update: it is stopped there) or ending untrained (its end
+stall (its last ``--stall-steps`` steps had no update: it is stopped there) or ending untrained (its end
 NELBO, the mean of recon + KL over its last 10% of steps, not below its first step's); spikes and
 skips are counted, not failed. A cell passes when every seed passed; a variant's margin is the largest
 rate that passed below its lowest failing one, and its ratio that margin over vanilla's under the same
@@ -45,12 +45,12 @@ __all__ = ["log_grid", "next_rate", "collect", "run_grid", "main"]
 # In priority order (a grid that is stopped early has run the first ones' cells first).
 VARIANTS = ("vanilla,qfloor-cst1,qfloor-floor,upbounded1-cst1,upbounded1-floor,upbounded1,explin-cst1,explin,"
             "softplus-ln2")
-DEFAULTS = {"vdvae": dict(lrs="0.005:0.16:6", start=0.02, seeds="0,1,2", steps=1000, dead=100, variants=VARIANTS,
+DEFAULTS = {"vdvae": dict(lrs="0.005:0.16:6", start=0.02, seeds="0,1,2", steps=1000, stall_steps=100, variants=VARIANTS,
                           skip="both"),
-            "nvae": dict(lrs="0.0316:1:4", start=0.1, seeds="0,1,2", steps=1000, dead=100,
+            "nvae": dict(lrs="0.0316:1:4", start=0.1, seeds="0,1,2", steps=1000, stall_steps=100,
                          variants="vanilla,qfloor-cst1,qfloor-floor,upbounded1-cst1,upbounded1-floor,upbounded1,"
                                   "softplus-ln2", skip="upstream")}
-QUICK = dict(lrs="0.001:0.1:2", start=0.001, seeds="0", steps=4, dead=3, variants="vanilla,upbounded1")
+QUICK = dict(lrs="0.001:0.1:2", start=0.001, seeds="0", steps=4, stall_steps=3, variants="vanilla,upbounded1")
 
 
 def log_grid(spec: str) -> list:
@@ -111,10 +111,10 @@ def _one(job) -> int:
     return code
 
 
-def _command(target, tiny, run_dir, data, policy, name, lr, seed, steps, dead, extra, upstream) -> list:
+def _command(target, tiny, run_dir, data, policy, name, lr, seed, steps, stall_steps, extra, upstream) -> list:
     options, train = tiny.run_args(run_dir, data, seed, lr, free_port())
     return [sys.executable, "-m", "vaepatch", "run", target, "--variant", name, "--out", str(run_dir),
-            "--cpu", "--max-steps", str(steps), "--stop-at-nonfinite", "--stop-when-stalled", str(dead),
+            "--cpu", "--max-steps", str(steps), "--stop-at-nonfinite", "--stop-when-stalled", str(stall_steps),
             *options, *(["--upstream", str(upstream)] if upstream else []), "--", *train,
             *tiny.SKIP_POLICIES[policy], *extra]
 
@@ -160,7 +160,7 @@ class _Searches:
         return None
 
 
-def run_grid(target: str, out: Path, policies, names, lrs, seeds, steps: int, dead: int, *, start=None, jobs: int = 2,
+def run_grid(target: str, out: Path, policies, names, lrs, seeds, steps: int, stall_steps: int, *, start=None, jobs: int = 2,
              extra=(), upstream=None, every_cell: bool = False, launch=_one) -> dict:
     """Run what is not finished yet, ``jobs`` runs at a time, the searches' runs in priority order (the
     policies, then the variants, as given: the first search's next run always goes first); returns
@@ -186,7 +186,7 @@ def run_grid(target: str, out: Path, policies, names, lrs, seeds, steps: int, de
                 if run_dir.exists():  # an interrupted attempt: start that run over
                     shutil.rmtree(run_dir)
                 run_dir.mkdir(parents=True)
-                command = _command(target, tiny, run_dir, data, p, n, lr, s, steps, dead, extra, upstream)
+                command = _command(target, tiny, run_dir, data, p, n, lr, s, steps, stall_steps, extra, upstream)
                 running[pool.submit(launch, (command, run_dir / "stdout.txt"))] = (run_dir, run_dir / "stdout.txt")
                 bar.set_postfix_str(f"last started: skip {p}, {n}, lr {report.fmt_lr(lr)}, seed {s}")
             if not running:
@@ -223,7 +223,7 @@ def _parse(argv):
     parser.add_argument("--variants", help="comma-separated built-in names, ';' between inline specs with commas")
     parser.add_argument("--seeds", help="comma-separated seeds")
     parser.add_argument("--steps", type=int, help="steps per run")
-    parser.add_argument("--dead", type=int, help="a run whose last DEAD steps had no update is stalled (stopped, failed)")
+    parser.add_argument("--stall-steps", type=int, help="a run whose last STALL_STEPS steps had no update is stalled (stopped, failed)")
     parser.add_argument("--jobs", type=int, default=2, help="runs at once, one thread each")
     parser.add_argument("--upstream", help="the clone (default: $VAEPATCH_<TARGET>, then third_party/<target>)")
     parser.add_argument("--report-only", action="store_true", help="only read OUT/runs and write the tables")
@@ -248,8 +248,8 @@ def main(argv=None) -> int:
         seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     except ValueError as err:
         parser.error(str(err))
-    if args.steps < 1 or args.dead < 1 or not seeds or "vanilla" not in names:
-        parser.error("need --steps >= 1, --dead >= 1, at least one seed, and vanilla among the variants")
+    if args.steps < 1 or args.stall_steps < 1 or not seeds or "vanilla" not in names:
+        parser.error("need --steps >= 1, --stall-steps >= 1, at least one seed, and vanilla among the variants")
     from vaepatch import upstream
 
     try:
@@ -264,7 +264,7 @@ def main(argv=None) -> int:
     if args.report_only:
         cells = collect(out, policies, names, lrs, seeds, args.steps)
     else:
-        cells = run_grid(args.target, out, policies, names, lrs, seeds, args.steps, args.dead, start=args.start,
+        cells = run_grid(args.target, out, policies, names, lrs, seeds, args.steps, args.stall_steps, start=args.start,
                          jobs=args.jobs, extra=extra, upstream=args.upstream, every_cell=args.every_cell)
     write(out, args, policies, names, lrs, seeds, extra, cells, time.perf_counter() - started)
     return 0
@@ -284,7 +284,7 @@ def write(out: Path, args, policies, names, lrs, seeds, extra, cells, seconds) -
     lines += ["", "## What broke at each variant's first failing rate", ""] + report.broke_lines(results, cells)
     out.mkdir(parents=True, exist_ok=True)
     meta = dict(target=args.target, skip=policies, lrs=lrs, variants=names, seeds=seeds, steps=args.steps,
-                dead=args.dead, start=args.start, every_cell=args.every_cell, extra=extra, wall_seconds=seconds,
+                stall_steps=args.stall_steps, start=args.start, every_cell=args.every_cell, extra=extra, wall_seconds=seconds,
                 verdict=dict(end_fraction=verdict.END_FRACTION, spike_factor=verdict.SPIKE_FACTOR,
                              spike_window=verdict.SPIKE_WINDOW))
     record = {"meta": meta, "margins": results,

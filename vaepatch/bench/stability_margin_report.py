@@ -57,7 +57,7 @@ def cell_summary(runs: list) -> dict:
             "spikes": {"runs_with_spikes": len(spiky), "count": sum(s["count"] for s in spiky),
                        "max_ratio": worst["max_ratio"] if worst else None, "max_step": worst["max_step"] if worst else None},
             "grad_skips": sum(r["grad_skips"] for r in runs), "amp_skips": sum(r["amp_skips"] for r in runs),
-            "nonfinite_steps": sum(r["nonfinite_steps"] for r in runs)}
+            "nonfinite_loss_steps": sum(r["nonfinite_loss_steps"] for r in runs)}
 
 
 def margins(states: dict, lrs: list, names: list) -> dict:

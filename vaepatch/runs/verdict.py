@@ -118,10 +118,10 @@ def judge(log: list[dict], status: str, steps: int, stalled: bool = False) -> di
     else:
         verdict = "passed"
     return {"verdict": verdict, "passed": verdict == "passed", "steps": counts.steps, "first_nelbo": first,
-            "end_nelbo": end, "nonfinite_steps": counts.nonfinite_loss_steps,
+            "end_nelbo": end, "nonfinite_loss_steps": counts.nonfinite_loss_steps,
             "grad_skips": counts.grad_skips, "amp_skips": counts.amp_skips,
             "skip_streak": counts.skip_streak, "longest_skip_streak": counts.longest_skip_streak,
-            "first_nonfinite_step": next((e["step"] for e in log if not e["finite"]), None),
+            "first_nonfinite_loss_step": next((e["step"] for e in log if not e["finite"]), None),
             "spikes": spikes(points), "first_failure": counts.first_failure,
             "nonfinite_origins": counts.nonfinite_origins}
 
