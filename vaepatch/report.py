@@ -273,8 +273,11 @@ def render(summary: list[dict], fmt: str = "md") -> str:
     if fmt != "md":
         raise ValueError(f"unknown format {fmt!r}; use md, csv or json")
     table = rows(summary)
-    # a column with nothing in any row (eval losses of runs without an eval, AMP skips on CPU) is left out
-    keep = [i for i in range(len(COLUMNS)) if i < 3 or any(r[i] != "-" for r in table)]
+    # a column with nothing in any row (eval losses of runs without an eval) is left out, and so are AMP
+    # skips when no run had one (they exist only on CUDA with AMP on)
+    amp = COLUMNS.index("AMP skips")
+    keep = [i for i in range(len(COLUMNS)) if i < 3 or (any(s["amp_skips"]["mean"] for s in summary) if i == amp
+                                                        else any(r[i] != "-" for r in table))]
     lines = markdown.table([COLUMNS[i] for i in keep], [[r[i] for i in keep] for r in table])
     return "\n".join(lines + provenance_lines(summary))
 
