@@ -32,7 +32,7 @@ def test_a_spike_the_run_recovers_from_passes_and_is_counted(tmp_path):
     assert run["verdict"] == "passed" and run["passed"]
     assert run["spikes"]["count"] == 2 and run["spikes"]["max_step"] == 30
     assert run["spikes"]["max_ratio"] == pytest.approx(2.5e6 / statistics.median(losses[:30]))
-    assert run["end_nelbo"] == pytest.approx(sum(losses[90:]) / 10)
+    assert run["end_nelbo"] == pytest.approx(statistics.median(losses[90:]))
 
 
 def test_a_non_finite_loss_fails_even_if_the_run_goes_on(tmp_path):
@@ -96,3 +96,13 @@ def test_nelbo_of_an_event():
     assert verdict.nelbo({**base, "kl": 1.0, "recon": 2.5}) == 3.5
     assert verdict.nelbo({**base, "finite": False, "loss": None, "kl": 1.0, "recon": 2.0}) is None
     assert verdict.nelbo({**base, "kl": math.inf, "recon": 2.0}) is None
+
+
+def test_a_spike_in_the_last_tenth_does_not_decide_but_a_ruined_end_does(tmp_path):
+    losses = _training()
+    losses[95] = 1e16  # one step among the last ten, the run back at its loss the step after
+    assert _run(tmp_path, "late-spike", losses)["verdict"] == "passed"
+    ruined = _training()
+    ruined[94:] = [1e9] * 6  # more than half of the last tenth
+    run = _run(tmp_path, "ruined", ruined)
+    assert run["verdict"] == "untrained" and run["end_nelbo"] == 1e9

@@ -3,8 +3,11 @@
 A run **fails** when
 - a step's loss was non-finite (``"non-finite"``), or
 - it stalled: its last steps all had no update (``"stalled"``; the launcher's ``--stop-when-stalled``), or
-- it did not end trained: its end NELBO (the mean over its last 10% of steps) is not below its first
-  step's (``"untrained"``), or it crashed, or stopped before its last step (``"incomplete"``).
+- it did not end trained: its end NELBO (the median over its last 10% of steps) is not below its first
+  step's (``"untrained"``), or it crashed, or stopped before its last step (``"incomplete"``). The
+  median, not the mean: one spike of 10^16 among the last 100 steps of a run that is back at its
+  trained loss the step after would otherwise decide the verdict; a run ruined for more than half of
+  its last 10% fails.
 
 The NELBO is recon + KL, unweighted (:func:`nelbo`): NVAE's logged loss anneals the KL's weight from
 ~0 over the first 30% of a run, so the logged loss itself rises while the model improves.
@@ -29,7 +32,7 @@ from vaepatch.runs import manifest as _manifest
 __all__ = ["END_FRACTION", "SPIKE_FACTOR", "SPIKE_WINDOW", "VERDICTS", "nelbo", "curve", "end_loss", "spikes",
            "judge", "judge_dir"]
 
-END_FRACTION = 0.1  # the end loss: mean finite loss over the last 10% of a run's steps
+END_FRACTION = 0.1  # the end of a run: its last 10% of steps
 SPIKE_FACTOR = 10.0  # a spike: a loss above 10x the running median ...
 SPIKE_WINDOW = 50  # ... of the 50 finite losses before it
 SPIKE_MIN_HISTORY = 5  # no spike is called before this many finite losses
@@ -66,13 +69,14 @@ def curve(events: list[dict], value=_loss) -> list:
     return points
 
 
-def end_loss(points: list) -> float | None:
-    """Mean finite loss over the last ``END_FRACTION`` of the curve's steps (at least one step)."""
+def end_loss(points: list, average=statistics.fmean) -> float | None:
+    """``average`` (default the mean) of the finite values over the last ``END_FRACTION`` of the curve's
+    steps (at least one step)."""
     if not points:
         return None
     tail = points[-max(1, math.ceil(len(points) * END_FRACTION)):]
     losses = [loss for _, loss, _ in tail if loss is not None]
-    return statistics.fmean(losses) if losses else None
+    return average(losses) if losses else None
 
 
 def spikes(points: list, factor: float = SPIKE_FACTOR, window: int = SPIKE_WINDOW) -> dict:
@@ -100,7 +104,7 @@ def judge(log: list[dict], status: str, steps: int, stalled: bool = False) -> di
     points = curve(log, nelbo)
     counts = _events.count(log)
     first = next((loss for _, loss, _ in points if loss is not None), None)
-    end = end_loss(points)
+    end = end_loss(points, statistics.median)  # a spike in the last 10% that the run recovers from does not decide
     stalled = stalled or status.startswith("stopped: stalled")
     last_step = points[-1][0] if points else -1
     if status in ("missing", "running"):  # never started, or still going (or killed: run.json never said it ended)
