@@ -4,7 +4,8 @@ The real upstream (VDVAE by default, ``--target nvae``) through ``vaepatch run T
 tiny configuration, per variant x learning rate x seed, for ``--steps`` steps (any configuration:
 upstream flags after ``--`` are appended and win), under each ``--skip`` policy: ``upstream`` (the
 upstream's own rule: VDVAE skips an update whose gradient norm exceeds 400) and ``off`` (VDVAE's
-``--skip_threshold -1``; a step with a non-finite loss is still not applied). NVAE has no skip rule.
+``--skip_threshold -1``; a step with a NaN loss is still not applied, one with an infinite loss then
+is). NVAE has no skip rule.
 
 Each run is judged by where it ends (``vaepatch.runs.verdict``): it fails on a non-finite loss, a
 stall (its last ``--stall-steps`` steps had no update: it is stopped there) or ending untrained (its end

@@ -25,7 +25,8 @@ TRAIN_ARGS = ["--hps", "cifar10", "--width", "32", "--zdim", "8", "--n_batch", "
               "--enc_blocks", "32x1,32d2,16x1,16d2,8x1,8d2,4x1,4d4,1x1"]
 # The stability-margin bench's skip policies: train.py arguments for each. VDVAE skips an update
 # whose gradient norm exceeds --skip_threshold (400 for cifar10); -1 turns that rule off (upstream's
-# own setting; a step with a non-finite loss is still not applied).
+# own setting). VDVAE's train.py never applies a step whose loss is NaN; with the rule off it does apply
+# one whose loss is infinite (it checks only isnan; an inf loss was skipped through its gradient norm).
 SKIP_POLICIES = {"upstream": [], "off": ["--skip_threshold", "-1"]}
 TINY = dict(width=32, zdim=8, n_batch=16, **ONE_BLOCK_PER_RESOLUTION)
 
