@@ -23,7 +23,7 @@ from vaepatch import markdown
 from vaepatch.runs import logs as _logs
 from vaepatch.runs import verdict as _verdict
 
-__all__ = ["Run", "load_run", "find_runs", "summarize", "render", "survival", "plot", "main"]
+__all__ = ["Run", "load_run", "find_runs", "summarize", "render", "survival", "figure", "plot", "main"]
 
 
 
@@ -282,19 +282,23 @@ def render(summary: list[dict], fmt: str = "md") -> str:
     return "\n".join(lines + provenance_lines(summary))
 
 
-def survival(runs: list[Run]) -> tuple[list[int], list[float]]:
-    """Steps and, per step, the share of ``runs`` with no non-finite loss up to it (a run that ended
-    cleanly before a step counts as free of NaN there)."""
-    first_nan = [next((s for s, loss, _ in run.curve if loss is None), None) for run in runs]
-    last = max((run.curve[-1][0] for run in runs if run.curve), default=0)
+def survival(runs: list[Run], last: int | None = None) -> tuple[list[int], list[float]]:
+    """Steps 0..``last`` (default the runs' last) and, per step, the share of ``runs`` with no NaN up to
+    it: no non-finite loss and no update skipped for one (a NaN gradient of a finite loss, in the demo's
+    runs). A run that ended cleanly before a step counts as free of NaN there."""
+    def first_nan(run):
+        steps = [s for s, loss, _ in run.curve if loss is None] + [run.counts.first_nan_step]
+        return min((s for s in steps if s is not None), default=None)
+
+    first = [first_nan(run) for run in runs]
+    if last is None:
+        last = max((run.curve[-1][0] for run in runs if run.curve), default=0)
     steps = list(range(last + 1))
-    return steps, [sum(f is None or f > s for f in first_nan) / len(runs) for s in steps]
+    return steps, [sum(f is None or f > s for f in first) / len(runs) for s in steps]
 
 
-def plot(runs: list[Run], path, right: str = "skips") -> Path:
-    """Per variant (one colour): each seed's loss over finite steps as thin lines, and on the right
-    either each seed's cumulative skipped updates (``"skips"``: the paper's Figure 2) or the share of
-    the variant's runs still free of NaN at each step (``"survival"``)."""
+def figure(runs: list[Run], right: str = "skips"):
+    """The matplotlib Figure :func:`plot` saves (close it with ``matplotlib.pyplot.close``)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -322,9 +326,11 @@ def plot(runs: list[Run], path, right: str = "skips") -> Path:
             ax_right.plot([s for s, _, _ in run.curve], cumulative, color=color, lw=0.9, alpha=0.8, label=label)
     ax_loss.set(xlabel="step", ylabel="loss (finite steps only)", title="training loss", yscale="log")
     if right == "survival":
-        for key, members in by_variant.items():
-            steps, alive = survival(members)
-            ax_right.step(steps, alive, where="post", color=colors[key], lw=1.5,
+        last = max((run.curve[-1][0] for run in runs if run.curve), default=0)
+        styles = ("-", "--", ":", "-.")  # variants that never fail share the line at 1: dashes keep each visible
+        for i, (key, members) in enumerate(by_variant.items()):
+            steps, alive = survival(members, last)
+            ax_right.step(steps, alive, where="post", color=colors[key], lw=2.2 - 0.3 * (i % 4), ls=styles[i % 4],
                           label=f"{members[0].variant} ({len(members)} runs)")
         ax_right.set(xlabel="step", ylabel="share of runs", ylim=(-0.03, 1.03), title="runs still free of NaN")
     else:
@@ -332,6 +338,16 @@ def plot(runs: list[Run], path, right: str = "skips") -> Path:
     if colors:
         ax_right.legend(fontsize=8)
     fig.tight_layout()
+    return fig
+
+
+def plot(runs: list[Run], path, right: str = "skips") -> Path:
+    """Per variant (one colour): each seed's loss over finite steps as thin lines, and on the right
+    either each seed's cumulative skipped updates (``"skips"``: the paper's Figure 2) or the share of
+    the variant's runs still free of NaN at each step (``"survival"``)."""
+    import matplotlib.pyplot as plt
+
+    fig = figure(runs, right)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
