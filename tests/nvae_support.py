@@ -115,7 +115,7 @@ def sync_bn_worker(rank, world, store, queue):
     """One gloo process: vaepatch's CPU batch norm on its share of the batch; results to ``queue``."""
     import torch.distributed as dist
 
-    from vaepatch.targets.nvae.shims import _batch_norm_cpu
+    from vaepatch.targets.nvae.shims import batch_norm_cpu
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
@@ -124,7 +124,7 @@ def sync_bn_worker(rank, world, store, queue):
         share = x.shape[0] // world
         mine = slice(rank * share, (rank + 1) * share)
         xs = x[mine].clone().requires_grad_()
-        out = _batch_norm_cpu(bn, xs)
+        out = batch_norm_cpu(bn, xs)
         (out * w[mine]).sum().backward()
         queue.put((rank,) + tuple(t.detach().numpy().copy() for t in
                                   (out, xs.grad, bn.weight.grad, bn.bias.grad, bn.running_mean, bn.running_var)))

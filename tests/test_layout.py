@@ -15,9 +15,10 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "vaepatch"
 # The math, the variants, the engine, what every launcher shares and the report: no upstream here.
 CORE = ("vaepatch.scales", "vaepatch.gaussian", "vaepatch.ou", "vaepatch.variant", "vaepatch.patching",
-        "vaepatch.precision", "vaepatch.report", "vaepatch.runs")
+        "vaepatch.precision", "vaepatch.blockmath", "vaepatch.report", "vaepatch.runs")
 # Generic helpers the core may use (they know no upstream either).
-CORE_HELPERS = ("vaepatch.upstream", "vaepatch.git_clone", "vaepatch.version", "vaepatch.cifar_format")
+CORE_HELPERS = ("vaepatch.upstream", "vaepatch.git_clone", "vaepatch.version", "vaepatch.cifar_format",
+                "vaepatch.markdown")
 MAX_LINES = 420  # "no module over ~400 lines"
 
 
@@ -173,22 +174,8 @@ def test_every_pin_has_a_target_folder_that_keeps_the_protocol():
         targets.package("efficient_vdvae")
 
 
-@pytest.mark.parametrize("old, names", [
-    ("vaepatch.compat", ["CompatError", "Shim", "VDVAE_SHIMS", "NVAE_SHIMS", "needed", "install", "Installed"]),
-    ("vaepatch.events", ["EventWriter", "read", "count", "Counts", "KEYS", "REASONS", "FILENAME"]),
-    ("vaepatch.launch", ["LaunchError", "check_vdvae_args", "run_vdvae", "load_script", "main", "StepRecorder"]),
-    ("vaepatch.launch_nvae", ["run_nvae", "StepRecorder", "recording_scaler", "LOSS_UNIT"]),
-])
-def test_old_import_paths_still_work_with_a_deprecation_warning(old, names):
-    module = importlib.import_module(old)
-    with pytest.warns(DeprecationWarning, match=old.replace(".", r"\.")):
-        module = importlib.reload(module)
-    missing = [n for n in names if not hasattr(module, n)]
-    assert not missing, f"{old} lost {missing}"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        compat = importlib.import_module("vaepatch.compat")
-    from vaepatch.runs import shims
-    from vaepatch.targets.vdvae.shims import SHIMS
-
-    assert compat.needed(True) == shims.needed(True, SHIMS)  # the old default: VDVAE's shims
+@pytest.mark.parametrize("old", ["vaepatch.compat", "vaepatch.events", "vaepatch.launch", "vaepatch.launch_nvae"])
+def test_the_pre_layout_import_paths_are_gone(old):
+    """Nothing was released under them: one place per module (vaepatch.runs.*, vaepatch.targets.<name>.*)."""
+    with pytest.raises(ModuleNotFoundError):
+        importlib.import_module(old)

@@ -153,7 +153,7 @@ def _all_reduce_sum():
     return _ALL_REDUCE_SUM[0]
 
 
-def _batch_norm_cpu(bn, x):
+def batch_norm_cpu(bn, x):
     """``bn``'s batch norm of a CPU tensor, in training synchronised over the process group.
 
     With one process (or no process group, or in eval) this is the module's own
@@ -217,12 +217,12 @@ def _install_sync_batchnorm_cpu() -> Callable[[], None]:
     def swish_bn_forward(self, input):
         if input.device.type != "cpu":  # upstream's own path (GPU + process group)
             return swish_forward(self, input)
-        return swish.apply(_batch_norm_cpu(self, input))
+        return swish.apply(batch_norm_cpu(self, input))
 
     def wrapper_bn_forward(self, x):
         if x.device.type != "cpu":
             return wrapper_forward(self, x)
-        return _batch_norm_cpu(self.bn, x)
+        return batch_norm_cpu(self.bn, x)
 
     return patches(Patch(swish_class, "forward", swish_bn_forward), Patch(wrapper_class, "forward", wrapper_bn_forward),
                     label="compat cpu sync batch norm")
