@@ -111,8 +111,11 @@ def test_split_is_fixed_and_disjoint():
 
 
 def test_split_spec_list():
-    assert dv._split_specs("naive_exp,bounded(1/(256*sqrt(12)), 1),exp") == ["naive_exp", "bounded(1/(256*sqrt(12)), 1)", "exp"]
-    assert dv._split_specs("exp; bounded(0.1, 1)") == ["exp", "bounded(0.1, 1)"]
+    from vaepatch.variant import split_list
+
+    assert split_list("naive_exp,bounded(1/(256*sqrt(12)), 1),exp") == ["naive_exp", "bounded(1/(256*sqrt(12)), 1)", "exp"]
+    assert split_list("exp; bounded(0.1, 1)") == ["exp", "bounded(0.1, 1)"]
+    assert split_list("upbounded1;posterior=explin,prior=cst1;") == ["upbounded1", "posterior=explin,prior=cst1"]
 
 
 # ---------------------------------------------------------------- bits/dim

@@ -192,6 +192,14 @@ def _split_top_level(text: str):
     return [p.strip() for p in parts]
 
 
+def split_list(text: str) -> list[str]:
+    """A command-line list of variants or scale specs: split on ';' when there is one (for inline
+    specs with commas, ``upbounded1;posterior=explin,prior=cst1``), else on commas outside
+    parentheses (``bounded(a, b)`` stays whole). Empty items are dropped."""
+    items = text.split(";") if ";" in text else _split_top_level(text)
+    return [item.strip() for item in items if item.strip()]
+
+
 def _parse_inline(text: str) -> Variant:
     items = _split_top_level(text)
     base = builtin(items.pop(0)) if items and "=" not in items[0] else None

@@ -52,6 +52,7 @@ from vaepatch import scales
 from vaepatch.bench import decoder_variance_report as report
 from vaepatch.bench import fill_defaults, paper_tables
 from vaepatch.mnist import ENV, load_mnist
+from vaepatch.variant import split_list
 from vaepatch.mnist import resolve as resolve_data
 from vaepatch.models.mnist_vae import GLOBAL, LATENT, MUS, PIXELS, VAE, scale_spec
 
@@ -196,21 +197,6 @@ DEFAULTS = {"mu": ",".join(MUS), "scales": ";".join(SCALES), "lrs": ",".join(f"{
             "seeds": 3, "epochs": 100}
 
 
-def _split_specs(text):
-    """Scale specs split on ';', or on ',' outside parentheses (bounded(a, b) has a comma)."""
-    if ";" in text:
-        return [s.strip() for s in text.split(";") if s.strip()]
-    out, depth, cur = [], 0, ""
-    for ch in text:
-        depth += (ch == "(") - (ch == ")")
-        if ch == "," and depth == 0:
-            out.append(cur)
-            cur = ""
-        else:
-            cur += ch
-    return [s.strip() for s in out + [cur] if s.strip()]
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="vaepatch bench decoder-variance", description=__doc__.split("\n\n")[1],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -235,7 +221,7 @@ def main(argv=None) -> int:
     if not mus or any(m not in MUS for m in mus):
         parser.error(f"--mu takes a comma-separated subset of {','.join(MUS)}, got {args.mu!r}")
     try:
-        scale_specs = [scale_spec(s) for s in _split_specs(args.scales)]
+        scale_specs = [scale_spec(s) for s in split_list(args.scales)]
         lrs = [float(x) for x in args.lrs.split(",") if x.strip()]
     except ValueError as e:
         parser.error(str(e))

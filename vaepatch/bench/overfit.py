@@ -20,6 +20,7 @@ from pathlib import Path
 
 from vaepatch import scales
 from vaepatch.bench import paper_tables
+from vaepatch.variant import split_list
 from vaepatch.models.conv_vae import (BATCH, DECODERS, DIVERGED, ENCODERS, FINAL_STEPS, N_IMAGES, ConvVAE,  # noqa: F401
                                       Result, data, train_one)
 
@@ -154,7 +155,7 @@ def plot(results: list[dict], path) -> Path:
 
 
 def _names(text: str, known: dict, parser, what: str) -> list[str]:
-    names = [n.strip() for n in text.split(",") if n.strip()]
+    names = split_list(text)
     for n in names:
         try:
             scales.get(known.get(n, n))

@@ -39,7 +39,7 @@ from vaepatch.bench import stability_margin_report as report
 from vaepatch.runs import manifest as run_manifest
 from vaepatch.runs import verdict
 from vaepatch.runs.launch import free_port
-from vaepatch.variant import Variant
+from vaepatch.variant import Variant, split_list
 
 __all__ = ["log_grid", "next_rate", "collect", "run_grid", "main"]
 
@@ -243,7 +243,7 @@ def main(argv=None) -> int:
                      f"{', '.join(tiny.SKIP_POLICIES)}); its runs already apply every finite update")
     try:
         lrs = log_grid(args.lrs)
-        names = [v.strip() for v in args.variants.split(";" if ";" in args.variants else ",") if v.strip()]
+        names = split_list(args.variants)
         for name in names:
             Variant.parse(name)
         seeds = [int(s) for s in args.seeds.split(",") if s.strip()]

@@ -31,6 +31,7 @@ import sys
 import torch
 
 from vaepatch.bench import timing
+from vaepatch.variant import split_list
 from vaepatch.targets.nvae.tiny import ADAMAX, ARCH, BATCH, TINY_ARGS, batch, nvae_on_cpu, tiny_nvae, train_step
 
 STEPS, WARMUP = 50, 5
@@ -109,7 +110,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     steps = args.steps if args.steps is not None else (QUICK_STEPS if args.quick else STEPS)
     warmup = args.warmup if args.warmup is not None else (QUICK_WARMUP if args.quick else WARMUP)
-    names = [v.strip() for v in args.variants.split(",") if v.strip()]
+    names = split_list(args.variants)
     prog = "vaepatch bench nvae-step-time"
     if not names or steps < 1 or warmup < 0:
         parser.error("need at least one variant, --steps >= 1 and --warmup >= 0")

@@ -15,6 +15,7 @@ import time
 import torch
 
 from vaepatch.bench import timing
+from vaepatch.variant import split_list
 from vaepatch.bench.measure import cuda_peak, saved_bytes
 from vaepatch.targets.vdvae.tiny import batch, cifar10_vae, tiny_vae
 
@@ -165,7 +166,7 @@ def main(argv=None) -> int:
         print(timing.table([row], args.steps, args.warmup).replace("vanilla ms", "  plain ms").replace("patched ms", "hooked ms"))
         return 0
     modes = {"off": [False], "on": [True], "both": [False, True]}[args.fuse]
-    rows = [row for v in args.variants.split(",") if v.strip()
-            for row in measure(v.strip(), args.steps, args.warmup, args.threads, fuse=modes)]
+    rows = [row for v in split_list(args.variants)
+            for row in measure(v, args.steps, args.warmup, args.threads, fuse=modes)]
     print(timing.table(rows, args.steps, args.warmup, columns=[("fused", 6, lambda r: "yes" if r["fuse"] else "no")]))
     return 0

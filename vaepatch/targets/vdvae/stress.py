@@ -20,7 +20,7 @@ from pathlib import Path
 from vaepatch import cifar_format, report
 from vaepatch.runs.launch import free_port
 from vaepatch.targets.vdvae.tiny import TRAIN_ARGS as TINY_ARGS
-from vaepatch.variant import variants
+from vaepatch.variant import split_list, variants
 
 PAPER_TABLE_4 = {  # Dehaene & Brossard, Table 4: VDVAE on CIFAR-10, NaN steps / high-gradient skips
     "vanilla": ("13 ± 3", "22 ± 9"), "upbounded1": ("0", "0"), "explin": ("0", "47 ± 61"),
@@ -84,7 +84,7 @@ def main(argv=None) -> int:
     parser.add_argument("--report-only", action="store_true", help="only re-read OUT/runs and print the table")
     args = parser.parse_args(argv)
     out = Path(args.out).resolve()
-    names = [v for v in args.variants.split(",") if v]
+    names = split_list(args.variants)
     seeds = [int(s) for s in args.seeds.split(",") if s]
     started = time.perf_counter()
     if args.report_only:
