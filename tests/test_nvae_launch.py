@@ -171,8 +171,31 @@ def test_missing_dataset_is_named_before_nvae_starts(tmp_path):
     assert not (tmp_path / "run" / "run.json").exists()
 
 
+def _kl_coeff(step, total_iters, anneal=0.3, const=0.0001, const_coeff=0.0001):
+    """NVAE's KL weight at ``step`` (utils.kl_coeff with train.py's default --kl_anneal_portion,
+    --kl_const_portion and --kl_const_coeff), written out here."""
+    return max(min((step - const * total_iters) / (anneal * total_iters), 1.0), const_coeff)
+
+
 def test_events_carry_the_loss_parts(tmp_path, data):
+    """train.py's loss is recon + kl_coeff * (balanced KL) + wdn * (spectral + BN regularizers), and wdn is 0
+    here (--weight_decay_norm's default). Once kl_coeff reaches 1 (step 3 of this 8-step run) NVAE stops
+    balancing: the loss is exactly recon + the sum of the groups' KL, the two parts the events carry. Before,
+    the KL weighs kl_coeff times a weighted sum of the 2 x 2 groups (weights of mean 1, so at most 4 x kl)."""
     out = tmp_path / "run"
     assert _run(out, data, epochs=1).returncode == 0
     log = events.read(out).events
+    assert [e["step"] for e in log] == list(range(STEPS_PER_EPOCH))
     assert all(e["kl"] > 0 and e["recon"] > 0 and "where" not in e for e in log)
+    coeffs = [_kl_coeff(e["step"], STEPS_PER_EPOCH) for e in log]
+    assert coeffs[:3] == [0.0001, pytest.approx(0.41633, rel=1e-4), pytest.approx(0.83300, rel=1e-4)]
+    assert coeffs[3:] == [1.0] * 5
+    for e, coeff in zip(log, coeffs):
+        if coeff == 1.0:
+            assert e["loss"] == pytest.approx(e["recon"] + e["kl"], rel=1e-6, abs=1e-3), e
+        else:
+            assert 0 < e["loss"] - e["recon"] <= 4 * coeff * e["kl"] * (1 + 1e-4) + 1e-3, (coeff, e)
+    # NVAE's own logged training NELBO (the mean of the step losses) from the parts, where they make the loss
+    (nelbo,) = _nvae_train_nelbo(out)
+    from_parts = [e["recon"] + e["kl"] if coeff == 1.0 else e["loss"] for e, coeff in zip(log, coeffs)]
+    assert sum(from_parts) / STEPS_PER_EPOCH == pytest.approx(nelbo, rel=1e-5)

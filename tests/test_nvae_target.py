@@ -443,13 +443,27 @@ def test_train_py_imports_under_the_shims_and_missing_packages_say_so(nvae):
         lmdb.open("x")
 
 
-def test_tensorboardx_stand_in_writes_nothing(nvae):
+def test_tensorboardx_stand_in_writes_nothing(nvae, tmp_path, monkeypatch):
+    """NVAE's own Writer, called as train.py calls it, over the stand-in: no log folder, no event file, anywhere
+    (tensorboardX's real SummaryWriter makes its log_dir and an events.out.tfevents file as it starts)."""
     if runs_shims.importable("tensorboardX"):
         pytest.skip("tensorboardX is installed here: its stand-in is not in use")
     import utils
 
-    writer = utils.SummaryWriter(log_dir="/nonexistent", flush_secs=20)
-    assert writer.add_scalar("a", 1.0, 0) is None and writer.close() is None
+    cwd, save = tmp_path / "cwd", tmp_path / "eval-run"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)  # a relative path written by the stand-in would land here
+    writer = utils.Writer(0, str(save))  # rank 0: the one that writes, SummaryWriter(log_dir=save, flush_secs=20)
+    assert getattr(sys.modules["tensorboardX"], "__vaepatch_stand_in__", False)
+    assert type(writer.writer).__module__ == "tensorboardX"
+    assert writer.add_scalar("train/nelbo", 1.0, 0) is None
+    writer.add_image("reconstruction", torch.zeros(3, 4, 4), 0)
+    writer.add_histogram("weights", torch.zeros(5), 0)
+    writer.add_figure("figure", None, 0)
+    writer.writer.flush()
+    writer.close()
+    assert not save.exists()
+    assert [p for p in tmp_path.rglob("*") if p != cwd] == []
 
 
 def test_count_parameters_works_on_todays_numpy(nvae):

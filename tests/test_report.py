@@ -164,12 +164,74 @@ def test_eval_loss_of_a_launcher_run_comes_from_the_upstream_log(tmp_path, capsy
     assert s["eval_loss"]["n"] == 0 and s["best_eval_loss"]["mean"] == 4.0  # final eval was NaN
 
 
-def test_plot_writes_a_png(tmp_path, capsys):
-    _run(tmp_path / "runs", "a", "vanilla", 0, [(1.0, False, None), (NAN, True, "nan"), (2.0, True, "grad")])
-    _run(tmp_path / "runs", "b", "explin", 0, [(1.0, False, None), (0.5, False, None)])
+def _lines(ax):
+    """Each line drawn on ``ax``: (x, y, colour, label or None)."""
+    return [(list(line.get_xdata()), list(line.get_ydata()), line.get_color(),
+             None if line.get_label().startswith("_") else line.get_label()) for line in ax.get_lines()]
+
+
+def _plotted_runs(root):
+    _run(root, "a", "vanilla", 0, [(1.0, False, None), (NAN, True, "nan"), (2.0, True, "grad"), (3.0, False, None)])
+    _run(root, "b", "vanilla", 1, [(1.0, False, None), (2.0, False, None), (0.5, True, "grad")])
+    _run(root, "c", "explin", 0, [(1.0, False, None), (0.5, False, None)])
+    return [report.load_run(root / name) for name in "abc"]
+
+
+def test_plot_draws_each_runs_loss_and_cumulative_skips(tmp_path, capsys):
+    import matplotlib.pyplot as plt
+
+    fig = report.figure(_plotted_runs(tmp_path / "runs"), right="skips")
+    try:
+        ax_loss, ax_right = fig.axes
+        # left: finite steps only (run a's NaN at step 1 leaves a gap); one colour per variant, labelled once
+        assert _lines(ax_loss) == [([0, 2, 3], [1.0, 2.0, 3.0], "C0", "vanilla"), ([0, 1, 2], [1.0, 2.0, 0.5], "C0", None),
+                                   ([0, 1], [1.0, 0.5], "C1", "explin")]
+        # right: skipped updates so far, per run (a: skipped at steps 1 and 2; b: at step 2; c: never)
+        assert _lines(ax_right) == [([0, 1, 2, 3], [0, 1, 2, 2], "C0", "vanilla"), ([0, 1, 2], [0, 0, 1], "C0", None),
+                                    ([0, 1], [0, 0], "C1", "explin")]
+        assert ax_loss.get_yscale() == "log" and ax_right.get_title() == "cumulative skipped updates"
+    finally:
+        plt.close(fig)
     png = tmp_path / "fig" / "cmp.png"
     code, _, err = _compare(capsys, tmp_path / "runs", "--plot", png)
     assert code == 0 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and str(png) in err
+
+
+def test_plot_draws_the_share_of_runs_still_free_of_nan(tmp_path):
+    import matplotlib.pyplot as plt
+
+    runs = _plotted_runs(tmp_path / "runs")
+    fig = report.figure(runs, right="survival")
+    try:
+        ax_right = fig.axes[1]
+        # vanilla: run a's NaN at step 1 leaves 1 of 2 from there; run b ended cleanly at step 2 and still counts at 3;
+        # every variant's curve spans every run's steps (explin's run ended at step 1)
+        assert _lines(ax_right) == [([0, 1, 2, 3], [1.0, 0.5, 0.5, 0.5], "C0", "vanilla (2 runs)"),
+                                    ([0, 1, 2, 3], [1.0, 1.0, 1.0, 1.0], "C1", "explin (1 runs)")]
+        assert all(line.get_drawstyle() == "steps-post" for line in ax_right.get_lines())
+        assert ax_right.get_title() == "runs still free of NaN" and len(fig.axes[0].get_lines()) == 3
+    finally:
+        plt.close(fig)
+    png = report.plot(runs, tmp_path / "survival.png", right="survival")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_survival_is_the_share_of_runs_with_no_nan_up_to_each_step():
+    def run(losses):
+        return report.Run(path=None, variant="v", curve=[(s, loss, loss is None) for s, loss in enumerate(losses)])
+
+    nan_at_3 = run([5.0, 4.0, 3.0, None, 2.0, 1.0, 1.0, 1.0])  # finite again after its NaN: still counted out
+    clean = run([5.0, 4.0, 3.0, 2.0, 2.0, 1.0, 1.0, 1.0])
+    ended_at_5 = run([5.0, 4.0, 3.0, 2.0, 2.0, 1.0])  # ended cleanly: free of NaN at steps 6 and 7 too
+    steps, share = report.survival([nan_at_3, clean, ended_at_5])
+    assert steps == [0, 1, 2, 3, 4, 5, 6, 7]
+    assert share == pytest.approx([1, 1, 1, 2 / 3, 2 / 3, 2 / 3, 2 / 3, 2 / 3])
+    assert report.survival([clean]) == (list(range(8)), [1.0] * 8)
+    assert report.survival([run([None, 1.0])]) == ([0, 1], [0.0, 0.0])
+    assert report.survival([ended_at_5], last=7) == (list(range(8)), [1.0] * 8)  # spans the steps asked for
+    nan_gradient_at_2 = run([5.0, 4.0, 3.0, 2.0])  # a finite loss, its update skipped for a NaN (events: "nan")
+    nan_gradient_at_2.counts = events.Counts(first_nan_step=2)
+    assert report.survival([nan_gradient_at_2, clean]) == (list(range(8)), [1, 1, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5])
 
 
 def test_nvae_eval_loss_and_bits_per_dim_come_from_nvae_log(tmp_path, capsys):
