@@ -114,12 +114,6 @@ def test_config_sizes_variants_and_the_best_margin_variant(tmp_path, monkeypatch
     assert gpu.BUDGET_S[False] <= 480  # the check fits 8 minutes
 
 
-def test_vdvae_launcher_args_are_the_tiny_train_args():
-    from vaepatch.targets.vdvae.tiny import TRAIN_ARGS
-
-    assert gpu.VDVAE_TINY_ARGS == TRAIN_ARGS
-
-
 def test_markdown_renders_every_state_of_every_section():
     rows = [{"variant": "upbounded1", "fuse": False, "vanilla_s": 0.1, "patched_s": 0.11, "ratio": 1.1,
              "memory": {"vanilla": {"peak_bytes": 2**30, "step_bytes": 2**29}, "patched": {"peak_bytes": 2**30 + 2**20,
@@ -160,18 +154,24 @@ def test_a_section_past_its_time_is_stopped_and_a_failing_one_recorded(tmp_path,
     assert failing["status"] == "error" and "KeyError" in failing["error"]
 
 
-def test_ou_section_on_the_mlp_without_clones_end_to_end(tmp_path):
+def test_ou_section_on_the_mlp_without_clones_end_to_end(tmp_path, monkeypatch):
     out = tmp_path / "out"
+    # no git and no mpiexec on PATH (the sections' interpreter is named by its path): the preflight fails, wherever
+    # this runs, so the check must exit 1 although the OU section (on the MLP only: no clone) is ok
+    monkeypatch.setenv("PATH", str(tmp_path / "empty-bin"))
+    monkeypatch.setitem(gpu.DRY_RUN["ou-cost"], "references", ["mlp"])
     code = gpu.main(["--dry-run", "--device", "cpu", "--sections", "ou-cost,preflight", "--out", str(out),
                      "--work", str(tmp_path / "w")])
     report = json.loads((out / gpu.REPORT).read_text())
     assert report["finished"] and list(report["sections"]) == ["ou-cost", "preflight"]
+    assert report["sections"]["ou-cost"]["status"] == "ok" and report["sections"]["preflight"]["status"] == "failed"
+    assert "no git on PATH" in " ".join(report["sections"]["preflight"]["result"]["problems"])
+    assert code == 1
     rows = report["sections"]["ou-cost"]["result"]["rows"]
     mlp = [r for r in rows if r["reference"].startswith("MLP")]
     assert [r["config"] for r in mlp] == ["plain", "OU K=5"]
     assert all(math.isfinite(r[k]) and r[k] > 0 for r in mlp for k in ("time_ratio", "memory_ratio", "flop_ratio"))
     assert mlp[1]["flop_ratio"] > 1.5 and mlp[1]["memory_ratio"] > 1.5  # K = 5 copies through the prior nets
-    assert code == (0 if all(s["status"] == "ok" for s in report["sections"].values()) else 1)
     assert "## ou-cost" in (out / gpu.MARKDOWN).read_text()
 
 

@@ -26,7 +26,7 @@ is ok.
 from __future__ import annotations
 
 import argparse
-import datetime
+import io
 import os
 import signal
 import subprocess
@@ -37,6 +37,7 @@ from pathlib import Path
 
 from vaepatch.bench import gpu_runs
 from vaepatch.bench.gpu_report import SCHEMA, Budget, dumps, read_json, render_markdown, write_atomic
+from vaepatch.runs.manifest import now
 
 __all__ = ["BEST_MARGIN_VARIANT", "DEFAULT_VARIANTS", "SECTIONS", "GPU", "DRY_RUN", "config", "main"]
 
@@ -51,24 +52,14 @@ REPORT, MARKDOWN, ARCHIVE = "gpu_check.json", "gpu_check.md", "gpu_check_runs.ta
 POLL_S = 5.0  # how often a running section's partial results are merged into the report
 GRACE_S = 15.0  # past its time, a section is stopped (SIGTERM to its process group, then SIGKILL)
 
-# NVAE's own train.py arguments. tiny: the tests' smallest model; small: a CIFAR-10 model of 2 latent
-# scales x 5 groups of 10 latents, 32 channels, with the README command's SE, residual posterior and flow.
-NVAE_MODELS = {
-    "tiny": ["--num_channels_enc", "4", "--num_channels_dec", "4", "--num_latent_scales", "2",
-             "--num_groups_per_scale", "2", "--num_latent_per_group", "2", "--num_preprocess_blocks", "1",
-             "--num_preprocess_cells", "1", "--num_postprocess_blocks", "1", "--num_postprocess_cells", "1",
-             "--num_mixture_dec", "1", "--use_se"],
-    "small": ["--num_channels_enc", "32", "--num_channels_dec", "32", "--num_latent_scales", "2",
+# NVAE's own train.py arguments for the "small" model: a CIFAR-10 model of 2 latent scales x 5 groups of
+# 10 latents, 32 channels, with the README command's SE, residual posterior and flow. ("tiny": the tests'
+# smallest model, vaepatch.targets.nvae.tiny.TRAIN_ARGS, with one logistic per pixel.)
+NVAE_SMALL = ["--num_channels_enc", "32", "--num_channels_dec", "32", "--num_latent_scales", "2",
               "--num_groups_per_scale", "5", "--num_latent_per_group", "10", "--num_preprocess_blocks", "1",
               "--num_preprocess_cells", "2", "--num_postprocess_blocks", "1", "--num_postprocess_cells", "2",
               "--num_cell_per_cond_enc", "2", "--num_cell_per_cond_dec", "2", "--use_se", "--res_dist",
-              "--num_nf", "1", "--weight_decay_norm", "1e-2"],
-}
-# VDVAE's tiny train.py arguments (vaepatch.targets.vdvae.tiny.TRAIN_ARGS, spelled here so that this
-# process never imports torch): width 32, zdim 8, one or two blocks per resolution, batch 16.
-VDVAE_TINY_ARGS = ["--hps", "cifar10", "--width", "32", "--zdim", "8", "--n_batch", "16",
-                   "--dec_blocks", "1x1,4m1,4x1,8m4,8x1,16m8,16x1,32m16,32x1",
-                   "--enc_blocks", "32x1,32d2,16x1,16d2,8x1,8d2,4x1,4d4,1x1"]
+              "--num_nf", "1", "--weight_decay_norm", "1e-2"]
 
 # Each section: its sizes, its cap (the most it may take) and the least time worth starting it with.
 GPU = {
@@ -81,21 +72,16 @@ GPU = {
                      nvae_model="tiny", nvae_batch=16, cap_s=90, min_s=30),
     "ou-cost": dict(references=["mlp", "vdvae"], samples=5, steps=30, warmup=10, cap_s=45, min_s=15),
 }
-DRY_RUN = {
-    "preflight": dict(cap_s=40, min_s=5),  # caps above what each takes on a loaded 2-core CPU; --budget-s bounds the sum
-    # one fused config: torch.compile's C++ build takes ~20-30 s on this project's 2-core CPU
-    "vdvae-step-time": dict(size="tiny", configs=[["upbounded1", False], ["upbounded1", True], ["explin-cst1", False]],
-                            steps=2, warmup=1, cap_s=60, min_s=10),
-    "nvae-amp": dict(model_name="tiny", batch=8, lr=1e-2, steps=6, warmup=2, cap_s=40, min_s=10),
-    "launcher": dict(steps=4, vdvae_variant="upbounded1", nvae_variant="upbounded1-cst1", vdvae_batch=16,
-                     nvae_model="tiny", nvae_batch=8, cap_s=45, min_s=10),
-    "ou-cost": dict(references=["mlp", "vdvae"], samples=5, steps=3, warmup=1, cap_s=25, min_s=5),
-}
+# --dry-run: GPU's sections at these sizes. Caps above what each takes on a loaded 2-core CPU (--budget-s bounds
+# the sum); one fused config: torch.compile's C++ build takes ~20-30 s on this project's 2-core CPU.
+DRY_RUN = {name: {**GPU[name], **small} for name, small in {
+    "preflight": dict(cap_s=40, min_s=5),
+    "vdvae-step-time": dict(size="tiny", configs=GPU["vdvae-step-time"]["configs"][:3], steps=2, warmup=1, cap_s=60,
+                            min_s=10),
+    "nvae-amp": dict(model_name="tiny", batch=8, steps=6, warmup=2, cap_s=40, min_s=10),
+    "launcher": dict(steps=4, nvae_batch=8, cap_s=45, min_s=10),
+    "ou-cost": dict(steps=3, warmup=1, cap_s=25, min_s=5)}.items()}
 BUDGET_S = {False: 450.0, True: 115.0}  # default --budget-s, by --dry-run
-
-
-def _now() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).astimezone().isoformat(timespec="seconds")
 
 
 def split_variants(text: str) -> list:
@@ -106,31 +92,32 @@ def split_variants(text: str) -> list:
 
 def config(args, device: str) -> dict:
     """Everything the sections read: sizes by --dry-run, with the command line's overrides."""
+    from vaepatch.targets.nvae.tiny import TRAIN_ARGS as NVAE_TINY
+    from vaepatch.targets.vdvae.tiny import TRAIN_ARGS as VDVAE_TINY
+
+    # nvae_command gives --dataset and --batch_size itself
+    tiny = [a for i, a in enumerate(NVAE_TINY) if not {a, NVAE_TINY[i - 1]} & {"--dataset", "--batch_size"}]
+    models = {"tiny": [*tiny, "--num_mixture_dec", "1"], "small": NVAE_SMALL}
     sizes = {name: dict(spec) for name, spec in (DRY_RUN if args.dry_run else GPU).items()}
     variants = split_variants(args.variants) if args.variants else split_variants(DEFAULT_VARIANTS) + (
         [BEST_MARGIN_VARIANT] if BEST_MARGIN_VARIANT else [])
     amp = sizes["nvae-amp"]
-    amp.update(variants=variants, model_args=NVAE_MODELS[amp["model_name"]])
+    amp.update(variants=variants, model_args=models[amp["model_name"]])
     for key, value in (("lr", args.nvae_lr), ("steps", args.nvae_steps)):
         if value is not None:
             amp[key] = value
     if args.vdvae_steps is not None:
         sizes["vdvae-step-time"]["steps"] = args.vdvae_steps
     launch = sizes["launcher"]
-    launch.update(vdvae_args=VDVAE_TINY_ARGS, nvae_args=NVAE_MODELS[launch["nvae_model"]])
+    launch.update(vdvae_args=VDVAE_TINY, nvae_args=models[launch["nvae_model"]])
     return {"device": device, "dry_run": args.dry_run, "work": str(Path(args.work).resolve()), "python": sys.executable,
             "threads": args.threads if args.threads else (1 if device == "cpu" else None), "sections": sizes}
 
 
 def _device(choice: str) -> str:
-    if choice != "auto":
-        return choice
-    try:
-        import torch
+    import torch  # a dependency: config() imports it with the tiny models' arguments
 
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    except ImportError:
-        return "cpu"
+    return choice if choice != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
 
 
 class Check:
@@ -140,7 +127,7 @@ class Check:
         self.out, self.work, self.report = out, work, report
 
     def save(self, budget: Budget | None = None) -> None:
-        self.report["updated"] = _now()
+        self.report["updated"] = now()
         if budget is not None:
             self.report["elapsed_s"] = round(budget.elapsed(), 1)
         write_atomic(self.out / REPORT, dumps(self.report))
@@ -162,28 +149,25 @@ def run_section(check: Check, name: str, seconds: float, config_path: Path, budg
     command = [sys.executable, "-m", "vaepatch.bench.gpu_sections", name, "--config", str(config_path),
                "--part", str(part), "--seconds", f"{seconds:.1f}"]
     t0 = time.monotonic()
-    record = {"status": "running", "started": _now(), "seconds": 0.0, "allotted_s": round(seconds, 1), "log": str(log)}
+    record = {"status": "running", "started": now(), "seconds": 0.0, "allotted_s": round(seconds, 1), "log": str(log)}
     with open(log, "ab") as sink:
         # its own process group (same session: whoever stops this command stops it too), so that stopping it
         # stops what it started (mpiexec, NVAE's data loader workers) as well
         proc = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, env=env, preexec_fn=os.setpgrp)
         code, stopped = None, False
         try:
-            while code is None:
+            while code is None and not stopped:
                 try:
                     code = proc.wait(timeout=POLL_S)
                 except subprocess.TimeoutExpired:
-                    if time.monotonic() - t0 > kill_after:
-                        gpu_runs.kill_group(proc)
-                        code, stopped = proc.returncode, True
-                        break
+                    stopped = time.monotonic() - t0 > kill_after
                     partial = read_json(part) or {}
                     record.update(seconds=round(time.monotonic() - t0, 1), result=partial.get("result"))
                     check.section(name, **record)
                     check.save(budget)
-        except BaseException:  # stopped ourselves (SIGTERM, Ctrl-C): take the section down with us
-            gpu_runs.kill_group(proc)
-            raise
+        finally:  # past its time, or stopped ourselves (SIGTERM, Ctrl-C): take the section down with us
+            if code is None:
+                gpu_runs.stop(proc)
     partial = read_json(part) or {}
     record.update(seconds=round(time.monotonic() - t0, 1), result=partial.get("result"),
                   status=partial.get("status") or "error", error=partial.get("error"))
@@ -197,24 +181,21 @@ def run_section(check: Check, name: str, seconds: float, config_path: Path, budg
 
 def archive(work: Path, dest: Path, max_log_bytes: int = 200_000) -> None:
     """Each run's run.json and events.jsonl, the section parts and the (tail of each) log, in one tarball."""
-    tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
-    with tarfile.open(tmp, "w:gz") as tar:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
         for path in sorted(work.rglob("*")):
-            if not path.is_file():
-                continue
             rel = path.relative_to(work)
-            if path.name in ("run.json", "events.jsonl", "log.txt", "log.jsonl") or rel.parts[0] == "parts" \
-                    or path.suffix == ".log":
-                if path.suffix == ".log" and path.stat().st_size > max_log_bytes:
-                    import io
-
-                    data = path.read_bytes()[-max_log_bytes:]
-                    info = tarfile.TarInfo(str(rel))
-                    info.size = len(data)
-                    tar.addfile(info, io.BytesIO(data))
-                else:
-                    tar.add(path, arcname=str(rel))
-    os.replace(tmp, dest)
+            if not path.is_file() or not (path.name in ("run.json", "events.jsonl", "log.txt", "log.jsonl")
+                                          or rel.parts[0] == "parts" or path.suffix == ".log"):
+                continue
+            if path.suffix == ".log" and path.stat().st_size > max_log_bytes:
+                data = path.read_bytes()[-max_log_bytes:]
+                info = tarfile.TarInfo(str(rel))
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+            else:
+                tar.add(path, arcname=str(rel))
+    write_atomic(dest, buffer.getvalue())
 
 
 def _one_section(check: Check, name: str, spec: dict, config_path: Path, budget: Budget, env: dict) -> None:
@@ -274,7 +255,7 @@ def main(argv=None) -> int:
     if device == "cpu":
         env.setdefault("OMP_NUM_THREADS", str(cfg["threads"] or 1))
     report = {"schema": SCHEMA, "dry_run": args.dry_run, "device": device, "command": sys.argv[:1] + list(argv or sys.argv[1:]),
-              "started": _now(), "budget_s": budget.total_s, "finished": False, "work": str(work.resolve()),
+              "started": now(), "budget_s": budget.total_s, "finished": False, "work": str(work.resolve()),
               "config": cfg["sections"], "sections": {name: {"status": "pending"} for name in sections}}
     check = Check(out, work, report)
     check.save(budget)

@@ -7,10 +7,11 @@ any moment leaves the last complete file, never half of one.
 from __future__ import annotations
 
 import json
-import math
 import time
 from pathlib import Path
 
+from vaepatch.markdown import table
+from vaepatch.runs.events import strict
 from vaepatch.runs.manifest import write_atomic  # the report and sections write through it
 
 __all__ = ["SCHEMA", "PAPER_OU_EPOCH_RATIO", "write_atomic", "read_json", "Budget", "render_markdown", "section_status"]
@@ -20,19 +21,9 @@ PAPER_OU_EPOCH_RATIO = 1.095  # Pervez & Gavves: 4.6 s vs 4.2 s per epoch (OU-VA
 STATUSES = ("ok", "failed", "error", "timeout", "skipped", "running", "pending")
 
 
-def _finite(x):
-    """JSON has no NaN/Infinity: non-finite floats become None (strict JSON, like events.jsonl)."""
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    if isinstance(x, dict):
-        return {str(k): _finite(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_finite(v) for v in x]
-    return x
-
-
 def dumps(obj) -> str:
-    return json.dumps(_finite(obj), indent=1, default=str, allow_nan=False) + "\n"
+    """Strict JSON, like events.jsonl: non-finite floats become null."""
+    return json.dumps(strict(obj), indent=1, default=str, allow_nan=False) + "\n"
 
 
 def read_json(path) -> dict | None:
@@ -75,25 +66,11 @@ def section_status(rows_ok: bool, error: str | None = None) -> str:
 
 
 # -- Markdown ----------------------------------------------------------------------------------
-def _ms(s):
-    return "—" if s is None else f"{1e3 * s:.1f}"
+def _number(spec: str, scale: float = 1.0):
+    return lambda value: "—" if value is None else f"{scale * value:{spec}}"
 
 
-def _mib(b):
-    return "—" if b is None else f"{b / 2**20:.1f}"
-
-
-def _x(r):
-    return "—" if r is None else f"{r:.3f}"
-
-
-def _cell(v):
-    return "—" if v is None else str(v).replace("|", "/").replace("\n", " ")
-
-
-def _table(header: list, rows: list) -> list:
-    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + \
-           ["| " + " | ".join(_cell(c) for c in row) + " |" for row in rows]
+_ms, _mib, _x = _number(".1f", 1e3), _number(".1f", 2**-20), _number(".3f")  # seconds as ms, bytes as MiB, ratios
 
 
 def _memory_label(result) -> str:
@@ -131,8 +108,8 @@ def _vdvae_md(r) -> list:
             f"interleaved steps after {r.get('warmup')} warm-up; memory = {_memory_label(r)}", ""]
     fused = [f"{v}: patched/vanilla {_x(s['eager_ratio'])} eager, {_x(s['fused_ratio'])} fused; fused patched step "
              f"{_x(s['fused_over_eager_patched'])} x the eager one" for v, s in r.get("fuse_summary", {}).items()]
-    return head + _table(["variant", "block math", "vanilla ms", "patched ms", "ratio", "vanilla mem MiB",
-                          "patched mem MiB", "mem ratio", "notes"], rows) + ([""] + [f"- {line}" for line in fused])
+    return head + table(["variant", "block math", "vanilla ms", "patched ms", "ratio", "vanilla mem MiB",
+                         "patched mem MiB", "mem ratio", "notes"], rows) + ([""] + [f"- {line}" for line in fused])
 
 
 def _nvae_md(r) -> list:
@@ -145,8 +122,8 @@ def _nvae_md(r) -> list:
             f"per variant on {r.get('device')} ({'fp16 autocast + GradScaler, as NVAE trains' if r.get('device') == 'cuda' else 'CPU: AMP off'}); "
             "counts from events.jsonl; step time = median event time after "
             f"{r.get('warmup')} steps, runs one after another (not interleaved)", ""]
-    return head + _table(["variant", "steps", "amp skips", "nan steps", "skipped", "first NaN", "median ms",
-                          "time ratio", "last loss", "check"], rows)
+    return head + table(["variant", "steps", "amp skips", "nan steps", "skipped", "first NaN", "median ms",
+                         "time ratio", "last loss", "check"], rows)
 
 
 def _launcher_md(r) -> list:
@@ -155,8 +132,8 @@ def _launcher_md(r) -> list:
         rows.append([name, row.get("command_head"), row.get("status"), row.get("device"), f"{row.get('events')}/{r.get('steps')}",
                      row.get("nan_steps"), row.get("amp_skips"), row.get("grad_skips"), ", ".join(row.get("compat") or []),
                      "ok" if row.get("ok") else "; ".join(row.get("problems", []) + [row.get("error") or ""])[:300]])
-    return _table(["run", "launched as", "run.json status", "device", "events/steps", "nan", "amp", "grad", "compat shims",
-                   "check"], rows)
+    return table(["run", "launched as", "run.json status", "device", "events/steps", "nan", "amp", "grad", "compat shims",
+                  "check"], rows)
 
 
 def _ou_md(r) -> list:
@@ -170,7 +147,7 @@ def _ou_md(r) -> list:
                      f"×{PAPER_OU_EPOCH_RATIO} per epoch" if row.get("samples") else ""])
     head = [f"OU ρ = {r.get('rho')}, K = {r.get('samples')} vs plain, {r.get('device')}: median of {r.get('steps')} interleaved "
             f"steps after {r.get('warmup')} warm-up; memory = {_memory_label(r)}", ""]
-    return head + _table(["reference", "config", "ms/step", "time ×", "mem MiB", "mem ×", "FLOP ×", "paper"], rows)
+    return head + table(["reference", "config", "ms/step", "time ×", "mem MiB", "mem ×", "FLOP ×", "paper"], rows)
 
 
 RENDERERS = {"preflight": _preflight_md, "vdvae-step-time": _vdvae_md, "nvae-amp": _nvae_md, "launcher": _launcher_md,
@@ -184,9 +161,9 @@ def render_markdown(report: dict) -> str:
              f"{pre.get('gpu') or pre.get('device') or 'device unknown'}; started {report.get('started')}, "
              f"updated {report.get('updated')}, {report.get('elapsed_s', 0):.0f} s of --budget-s {report.get('budget_s')}"
              f"{'' if report.get('finished') else ' (still running, or cut short: what is here was measured)'}", "",
-             *_table(["section", "status", "seconds", "note"],
-                     [[name, s.get("status"), f"{s['seconds']:.0f}" if s.get("seconds") is not None else None,
-                       (s.get("error") or s.get("note") or "")[:300]] for name, s in sections.items()])]
+             *table(["section", "status", "seconds", "note"],
+                    [[name, s.get("status"), f"{s['seconds']:.0f}" if s.get("seconds") is not None else None,
+                      (s.get("error") or s.get("note") or "")[:300]] for name, s in sections.items()])]
     for name, section in sections.items():
         result = section.get("result")
         if not result or name not in RENDERERS:

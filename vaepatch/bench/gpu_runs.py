@@ -11,6 +11,7 @@ with the tree), so they never match: ``python -m vaepatch.bench.gpu_runs run-nva
 from __future__ import annotations
 
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -21,7 +22,7 @@ from vaepatch.runs import events
 from vaepatch.runs import manifest as run_manifest
 from vaepatch.runs.launch import free_port
 
-__all__ = ["make_data", "free_port", "vdvae_command", "nvae_command", "run_logged", "kill_group", "check_run", "main"]
+__all__ = ["make_data", "free_port", "vdvae_command", "nvae_command", "run_logged", "stop", "check_run", "main"]
 
 LOG_TAIL = 3000  # characters of a failed command's output kept in the report
 
@@ -59,7 +60,7 @@ def nvae_command(python: str, out: Path, data: Path, variant: str, steps: int, p
 
 
 def run_logged(command: list, log: Path, timeout: float, env=None) -> dict:
-    """Run ``command`` with its output to ``log``; stopped (SIGTERM, then SIGKILL) at ``timeout`` seconds.
+    """Run ``command`` with its output to ``log``; stopped (:func:`stop`) at ``timeout`` seconds.
     It stays in the caller's process group, so stopping a whole section stops it too. Returns
     ``returncode`` (None if stopped), ``seconds`` and, on failure, ``log_tail``."""
     log.parent.mkdir(parents=True, exist_ok=True)
@@ -71,12 +72,7 @@ def run_logged(command: list, log: Path, timeout: float, env=None) -> dict:
         try:
             code = proc.wait(timeout=max(timeout, 1))
         except subprocess.TimeoutExpired:
-            proc.terminate()  # mpiexec passes it on to its ranks
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            stop(proc, grace=10, group=False)  # mpiexec passes SIGTERM on to its ranks
             code = None
     result = {"returncode": code, "seconds": round(time.monotonic() - t0, 2), "log": str(log)}
     if code != 0:
@@ -86,13 +82,12 @@ def run_logged(command: list, log: Path, timeout: float, env=None) -> dict:
     return result
 
 
-def kill_group(proc, grace: float = 5.0) -> None:
-    """SIGTERM to ``proc``'s process group (it leads one: ``os.setpgrp`` at its start), SIGKILL after ``grace``."""
-    import signal
-
+def stop(proc, grace: float = 5.0, group: bool = True) -> None:
+    """SIGTERM, then SIGKILL if ``proc`` is still there after ``grace`` seconds: to its process group when
+    ``group`` (it leads one: ``os.setpgrp`` at its start), else to ``proc`` alone."""
     for sig in (signal.SIGTERM, signal.SIGKILL):
         try:
-            os.killpg(proc.pid, sig)
+            os.killpg(proc.pid, sig) if group else proc.send_signal(sig)
         except ProcessLookupError:
             return
         try:
@@ -115,13 +110,9 @@ def check_run(out: Path, steps: int, device: str, warmup: int = 0) -> dict:
         problems.append(str(err))
     if not manifest and not problems:
         problems.append("no run.json")
-    expected_status = f"stopped at --max-steps {steps}"
-    if manifest and manifest.get("status") != expected_status:
-        problems.append(f"run.json status {manifest.get('status')!r}, expected {expected_status!r}")
-    if manifest and manifest.get("device") != device:
-        problems.append(f"run.json device {manifest.get('device')!r}, expected {device!r}")
-    if manifest and manifest.get("world_size") != 1:
-        problems.append(f"run.json world_size {manifest.get('world_size')!r}, expected 1")
+    for key, expected in (("status", f"stopped at --max-steps {steps}"), ("device", device), ("world_size", 1)):
+        if manifest and manifest.get(key) != expected:
+            problems.append(f"run.json {key} {manifest.get(key)!r}, expected {expected!r}")
     try:
         log = events.read(out)
     except FileNotFoundError as err:

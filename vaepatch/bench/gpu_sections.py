@@ -1,16 +1,8 @@
-"""The GPU check's sections. ``vaepatch bench gpu`` runs each in an interpreter of its own
-(``python -m vaepatch.bench.gpu_sections NAME --config CONFIG.json --part PART.json --seconds S``): a
-crash, a hung kernel or the time budget then ends one section, never the check, and VDVAE's and
-NVAE's clashing module names never meet. A section writes its result to PART.json after every row
-it finishes (atomically), so one stopped at its time keeps what it measured.
-
-- ``preflight``: what the machine has (GPU, driver, torch, Triton, git, MPI, the clones, verified).
-- ``vdvae-step-time``: the real VDVAE (``--hps cifar10`` at full size on a GPU), patched / vanilla step
-  time interleaved on the same weights and batch, eager and ``fuse=True``, with each step's peak memory.
-- ``nvae-amp``: ``vaepatch run nvae`` per variant at a high learning rate, NVAE's own fp16 autocast and
-  GradScaler on a GPU: ``"amp"`` and ``"nan"`` events counted from events.jsonl, step-time ratio.
-- ``launcher``: ``mpiexec -n 1 vaepatch run vdvae`` and ``vaepatch run nvae``, run.json and events checked.
-- ``ou-cost``: OU (rho 0.9, K copies) vs plain on the MLP hierarchy and the tiny VDVAE: time, memory, FLOPs.
+"""The GPU check's sections (what each measures: ``vaepatch.bench.gpu``). ``vaepatch bench gpu`` runs each
+in an interpreter of its own (``python -m vaepatch.bench.gpu_sections NAME --config CONFIG.json --part
+PART.json --seconds S``): a crash, a hung kernel or the time budget then ends one section, never the
+check, and VDVAE's and NVAE's clashing module names never meet. A section writes its result to
+PART.json after every row it finishes (atomically), so one stopped at its time keeps what it measured.
 """
 from __future__ import annotations
 
@@ -192,16 +184,18 @@ def nvae_amp(cfg: dict, ctx: Context) -> dict:
         last = run["seconds"]
         row = {"variant": variant, **run, **gpu_runs.check_run(out, steps, ctx.device, cfg["warmup"])}
         result["rows"].append(row)
-        _ratios(result["rows"], "median_step_s", "time_ratio")
+        _ratios(result["rows"], next((r for r in result["rows"] if r["variant"] == "vanilla"), None),
+                time_ratio="median_step_s")
         ctx.emit(result)
     result["ok"] = all(r.get("ok") for r in result["rows"])
     return result
 
 
-def _ratios(rows, key, out_key, base_variant="vanilla"):
-    base = next((r.get(key) for r in rows if r.get("variant") == base_variant), None)
-    for r in rows:
-        r[out_key] = r[key] / base if base and r.get(key) else None
+def _ratios(rows, base, **keys):
+    """``row[name] = row[key] / base[key]`` for each ``name=key``; None where either is missing or 0."""
+    for row in rows:
+        for name, key in keys.items():
+            row[name] = row[key] / base[key] if base and base.get(key) and row.get(key) else None
 
 
 def _safe(name: str) -> str:
@@ -280,54 +274,13 @@ OU_REFERENCES = {"mlp": "MLP 40-40-40-40, batch 100", "vdvae": "tiny VDVAE (widt
 
 
 def _ou_rows(kind: str, samples: int, steps: int, warmup: int, device: str) -> list:
-    """Plain vs OU with ``samples`` copies on ``device``: interleaved step time, memory, FLOPs."""
-    import torch
+    """Plain vs OU with ``samples`` copies on ``device`` (``ou_cost.measure_configs``): time, memory, FLOPs."""
+    from vaepatch.bench.ou_cost import measure_configs
 
-    from vaepatch.api import revert
-    from vaepatch.bench import ou_cost, timing
-    from vaepatch.bench.measure import counted_flops, cuda_peak, saved_bytes
-
-    configs = [None, samples]
-    built = {}
-    try:
-        if kind == "vdvae":
-            revert("vdvae")
-        for c in configs:
-            built[c] = ou_cost.build(kind, c, device=device)
-        patchsets = {c: built[c][1].get("patchset") for c in configs}
-
-        def switch(name):  # only the config's own patch set applied
-            for ps in filter(None, patchsets.values()):
-                ps.revert()
-            if patchsets[name] is not None:
-                patchsets[name].apply()
-
-        switch(None)
-        for c in configs[1:]:
-            built[c][1]["model"].load_state_dict(built[None][1]["model"].state_dict())
-        med = timing.interleaved({c: timing.synced(built[c][0], device) for c in configs}, steps, warmup,
-                                 f"ou-cost {kind} on {device}", before=switch)
-        rows = []
-        for c in configs:
-            switch(c)
-            step, extra = built[c]
-            if torch.device(device).type == "cuda":
-                memory = cuda_peak(step, torch.device(device))["step_bytes"]
-            else:
-                memory = saved_bytes(extra["loss"], extra["model"].parameters())
-            rows.append({"reference": OU_REFERENCES[kind], "config": "plain" if c is None else f"OU K={c}",
-                         "samples": c, "seconds": med[c], "memory_bytes": memory, "flops": counted_flops(step)})
-    finally:
-        for step_extra in built.values():
-            if step_extra[1].get("patchset") is not None:
-                step_extra[1]["patchset"].revert()
-        if kind == "vdvae":
-            revert("vdvae")
-    plain = rows[0]
-    for row in rows:
-        row["time_ratio"] = row["seconds"] / plain["seconds"]
-        row["memory_ratio"] = row["memory_bytes"] / plain["memory_bytes"] if plain["memory_bytes"] else None
-        row["flop_ratio"] = row["flops"] / plain["flops"] if plain["flops"] else None
+    rows = [{"reference": OU_REFERENCES[kind], "config": "plain" if r["samples"] is None else f"OU K={r['samples']}",
+             "samples": r["samples"], "seconds": r["seconds"], "memory_bytes": r.get("peak", r.get("saved")),
+             "flops": r["flops"]} for r in measure_configs(kind, [samples], steps, warmup, device)]
+    _ratios(rows, rows[0], time_ratio="seconds", memory_ratio="memory_bytes", flop_ratio="flops")
     return rows
 
 

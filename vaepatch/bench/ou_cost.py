@@ -36,10 +36,10 @@ from pathlib import Path
 import torch
 
 from vaepatch.bench import fill_defaults, timing
-from vaepatch.bench.measure import counted_flops, rss_now_and_peak, saved_bytes
+from vaepatch.bench.measure import counted_flops, cuda_peak, rss_now_and_peak, saved_bytes
 from vaepatch.models.mlp_hierarchy import MLPHierarchy
 
-__all__ = ["mlp_flops", "saved_bytes", "build", "measure_mlp", "measure_upstream", "main"]
+__all__ = ["mlp_flops", "saved_bytes", "build", "measure_mlp", "measure_upstream", "measure_configs", "main"]
 
 DEFAULTS = dict(steps=50, warmup=10, samples="5,10", rss_steps=20)
 QUICK = dict(steps=5, warmup=2, samples="5", rss_steps=3)
@@ -176,12 +176,6 @@ def _upstream_on_cpu(kind):
     return nvae_on_cpu()
 
 
-def _interleave(steps_by_name: dict, steps: int, warmup: int, desc: str, before=None) -> dict:
-    """Median seconds per step of each config (``fn()`` each), interleaved (``vaepatch.bench.timing``)."""
-    return timing.interleaved({name: (lambda i, fn=fn: (fn(), None)[1]) for name, fn in steps_by_name.items()},
-                              steps, warmup, desc, before=before)
-
-
 def _label(samples):
     return "plain" if samples is None else f"ou rho={RHO} K={samples}"
 
@@ -189,7 +183,7 @@ def _label(samples):
 def measure_mlp(samples_list, steps, warmup, rss_steps, threads) -> list:
     configs = [None] + list(samples_list)
     built = {c: build("mlp", c) for c in configs}
-    med = _interleave({c: built[c][0] for c in configs}, steps, warmup, "ou-cost mlp")
+    med = timing.interleaved({c: timing.synced(built[c][0], "cpu") for c in configs}, steps, warmup, "ou-cost mlp")
     check = counted_flops(built[configs[-1]][0]), counted_flops(built[None][0])
     rows = []
     for c in configs:
@@ -236,38 +230,56 @@ def measure_upstream(kind, samples_list, steps, warmup, rss_steps, threads) -> l
 
 
 def _measure_here(kind, samples_list, steps, warmup, threads) -> list:
+    torch.set_num_threads(threads)
+    with _upstream_on_cpu(kind):
+        return [dict(reference=REFERENCES[kind], config=_label(r["samples"]), samples=r["samples"], seconds=r["seconds"],
+                     flops=r["flops"], flops_counted=r["flops"], saved=r["saved"])
+                for r in measure_configs(kind, samples_list, steps, warmup)]
+
+
+def measure_configs(kind, samples_list, steps, warmup, device="cpu") -> list:
+    """Plain and OU with each of ``samples_list`` copies, :func:`build` of ``kind`` on ``device``, same weights, each
+    config's own patch set applied for its steps only. Per config: ``samples``, the interleaved median step time
+    (``seconds``), FlopCounterMode's count (``flops``), and memory: on CUDA the rise of the allocator's peak
+    during a step (``peak``), on CPU the bytes autograd saves for backward (``saved``)."""
     from vaepatch.api import revert
 
-    torch.set_num_threads(threads)
     configs = [None] + list(samples_list)
-    built = {}
-    target = "nvae" if kind in NVAE_SIZES else kind
-    with _upstream_on_cpu(kind):
+    target = None if kind == "mlp" else "nvae" if kind in NVAE_SIZES else kind
+    built, patchsets = {}, {}
+    if target:
         revert(target)
-        try:
-            for c in configs:
-                built[c] = build(kind, c)
-                built[c][1]["patchset"].revert()
+    try:
+        for c in configs:
+            built[c] = build(kind, c, device=device)
+            patchsets[c] = built[c][1].get("patchset")
+            if patchsets[c] is not None:
+                patchsets[c].revert()
 
-            def switch(name):  # only the config's own patch set applied (a no-op revert costs nothing)
-                for other in configs:
-                    built[other][1]["patchset"].revert()
-                built[name][1]["patchset"].apply()
+        def switch(name):  # only the config's own patch set applied (a no-op revert costs nothing)
+            for other in filter(None, patchsets.values()):
+                other.revert()
+            if patchsets[name] is not None:
+                patchsets[name].apply()
 
-            for c in configs[1:]:
-                built[c][1]["model"].load_state_dict(built[None][1]["model"].state_dict())
-            med = _interleave({c: built[c][0] for c in configs}, steps, warmup, f"ou-cost {kind}", before=switch)
-            rows = []
-            for c in configs:
-                switch(c)
-                ex = built[c][1]
-                flops = counted_flops(built[c][0])
-                rows.append(dict(reference=REFERENCES[kind], config=_label(c), samples=c, seconds=med[c],
-                                 flops=flops, flops_counted=flops,
-                                 saved=saved_bytes(ex["loss"], ex["model"].parameters())))
-        finally:
-            for c in built:
-                built[c][1]["patchset"].revert()
+        for c in configs[1:]:
+            built[c][1]["model"].load_state_dict(built[None][1]["model"].state_dict())
+        med = timing.interleaved({c: timing.synced(built[c][0], device) for c in configs}, steps, warmup,
+                                 f"ou-cost {kind} on {device}", before=switch)
+        rows = []
+        for c in configs:
+            switch(c)
+            step, ex = built[c]
+            row = dict(samples=c, seconds=med[c], flops=counted_flops(step))
+            if torch.device(device).type == "cuda":
+                row["peak"] = cuda_peak(step, torch.device(device))["step_bytes"]
+            else:
+                row["saved"] = saved_bytes(ex["loss"], ex["model"].parameters())
+            rows.append(row)
+    finally:
+        for patchset in filter(None, patchsets.values()):
+            patchset.revert()
+        if target:
             revert(target)
     return rows
 

@@ -76,15 +76,18 @@ def _check_reason(skipped: bool, reason) -> None:
         raise ValueError(f"reason must be None when skipped is false, got {reason!r}")
 
 
-def _strict(value):
+def strict(value):
     """``value`` with every non-finite float (at any depth) replaced by None: strict JSON."""
     if isinstance(value, float):
         return value if math.isfinite(value) else None
     if isinstance(value, dict):
-        return {k: _strict(v) for k, v in value.items()}
+        return {k: strict(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_strict(v) for v in value]
+        return [strict(v) for v in value]
     return value
+
+
+_strict = strict  # its former private name
 
 
 def _record(text: str) -> tuple[dict | None, str | None]:

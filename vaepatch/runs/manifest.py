@@ -59,11 +59,11 @@ def write(path: Path, manifest: dict) -> None:
     write_atomic(path, json.dumps(manifest, indent=2, default=str) + "\n")
 
 
-def write_atomic(path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and ``os.replace``: readers see the old file or
-    the new one, whole."""
+def write_atomic(path, text: str | bytes) -> None:
+    """Write ``text`` (or bytes) to ``path`` through a temporary file and ``os.replace``: readers see the old
+    file or the new one, whole."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
+    tmp.write_bytes(text) if isinstance(text, bytes) else tmp.write_text(text)
     os.replace(tmp, path)
