@@ -2,7 +2,7 @@
 import json
 import re
 
-from vaepatch import demo, report
+from vaepatch import compare, demo
 from vaepatch.runs import events
 
 KEYS = {"target", "variant", "variant_spec", "upstream_commit", "vaepatch_version", "seed", "argv", "host",
@@ -40,7 +40,7 @@ def test_quick_demo_writes_launcher_format_runs(tmp_path, capsys):
             assert status in ("completed", "diverged")
             assert not failed and len(steps) == 40 and all(e["finite"] for e in log.events)
         assert all(e["rank"] == 0 and e["time"] >= 0 for e in log.events)
-        run = report.load_run(run_dir)
+        run = compare.load_run(run_dir)
         assert not run.problems and run.counts.nan_steps == len(failed)
     assert all(len(s) == 1 for s in specs.values()) and len(set().union(*specs.values())) == 4  # a variant per encoder
     assert (out / "demo.png").read_bytes()[:4] == b"\x89PNG"
@@ -56,4 +56,4 @@ def test_quick_demo_writes_launcher_format_runs(tmp_path, capsys):
     assert "upbounded1: 0/2 hit NaN" in printed
     header = next(line for line in printed.splitlines() if line.startswith("| variant |"))
     assert "eval loss" not in header and "AMP skips" not in header  # columns empty in every row left out
-    assert "NaN steps" in header and "final loss" in header
+    assert "NaN steps" in header and "end loss" in header

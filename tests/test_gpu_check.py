@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from vaepatch.bench import gpu, gpu_report, gpu_runs
+from vaepatch.bench import gpu, gpu_report, gpu_runs, gpu_state
 from vaepatch.runs import events
 from vaepatch.runs import manifest as run_manifest
 from tests.nvae_support import nvae_clone
@@ -37,7 +37,7 @@ class FakeClock:
 
 def test_budget_allots_what_is_left_up_to_the_cap_and_skips_what_no_longer_fits():
     clock = FakeClock()
-    budget = gpu_report.Budget(100, reserve_s=5, clock=clock)
+    budget = gpu_state.Budget(100, reserve_s=5, clock=clock)
     assert budget.allot(cap_s=30, min_s=10) == (30, "")
     clock.t += 70  # 30 s left, 5 kept back for the report
     assert budget.left() == pytest.approx(30) and budget.elapsed() == pytest.approx(70)
@@ -51,14 +51,14 @@ def test_budget_allots_what_is_left_up_to_the_cap_and_skips_what_no_longer_fits(
 
 def test_atomic_writer_leaves_whole_strict_json_and_no_temporary_file(tmp_path):
     path = tmp_path / "sub" / "r.json"
-    gpu_report.write_atomic(path, gpu_report.dumps({"a": float("nan"), "b": [1.5, float("inf")], "c": {"d": 2}}))
-    gpu_report.write_atomic(path, gpu_report.dumps({"a": float("nan"), "b": [1.5, float("-inf")], "c": {"d": 3}}))
+    gpu_state.write_atomic(path, gpu_state.dumps({"a": float("nan"), "b": [1.5, float("inf")], "c": {"d": 2}}))
+    gpu_state.write_atomic(path, gpu_state.dumps({"a": float("nan"), "b": [1.5, float("-inf")], "c": {"d": 3}}))
     assert json.loads(path.read_text(), parse_constant=lambda c: pytest.fail(f"{c} in strict JSON")) == \
         {"a": None, "b": [1.5, None], "c": {"d": 3}}
     assert [p.name for p in path.parent.iterdir()] == ["r.json"]
-    assert gpu_report.read_json(tmp_path / "missing.json") is None
+    assert gpu_state.read_json(tmp_path / "missing.json") is None
     (tmp_path / "half.json").write_text('{"a": ')
-    assert gpu_report.read_json(tmp_path / "half.json") is None
+    assert gpu_state.read_json(tmp_path / "half.json") is None
 
 
 def _synthetic_run(out: Path, reasons, device="cuda", status=None, steps=None):
@@ -128,7 +128,7 @@ def test_markdown_renders_every_state_of_every_section():
                      "result": {"rows": [{"variant": "vanilla", "amp_skips": 4, "ok": True}]}},
         "launcher": {"status": "error", "error": "KeyError: 'steps'", "result": {}},
         "ou-cost": {"status": "skipped", "note": "skipped: needs at least 15 s, 3 s left of --budget-s 450"}}}
-    assert {s["status"] for s in report["sections"].values()} <= set(gpu_report.STATUSES)
+    assert {s["status"] for s in report["sections"].values()} <= set(gpu_state.STATUSES)
     text = gpu_report.render_markdown(report)
     assert "NVIDIA H200" in text and "cut short" in text and "no git on PATH" in text
     assert "| upbounded1 | eager | 100.0 | 110.0 | 1.100 | 1024.0 | 1025.0 |" in text
@@ -143,9 +143,9 @@ def test_a_section_past_its_time_is_stopped_and_a_failing_one_recorded(tmp_path,
     cfg["sections"]["ou-cost"].update(references=["mlp"], steps=10_000)  # far more than 1 s
     del cfg["sections"]["nvae-amp"]["steps"]  # a section that fails at once
     config_path = tmp_path / "w" / "config.json"
-    gpu_report.write_atomic(config_path, gpu_report.dumps(cfg))
+    gpu_state.write_atomic(config_path, gpu_state.dumps(cfg))
     check = gpu.Check(tmp_path / "out", tmp_path / "w", {"sections": {}})
-    budget = gpu_report.Budget(60)
+    budget = gpu_state.Budget(60)
     slow = gpu.run_section(check, "ou-cost", 60.0, config_path, budget, ENV, kill_after=4.0)  # told 60 s, stopped at 4
     assert slow["status"] == "timeout" and "what it had measured is kept" in slow["error"]
     assert 4 <= slow["seconds"] < 20
@@ -194,7 +194,7 @@ def test_run_nvae_wrapper_reads_the_crops_where_torchvision_would_download(monke
     import types
 
     from vaepatch import cifar_format
-    from vaepatch.targets.nvae.shims import _Cifar10
+    from vaepatch.targets.nvae.shims import Cifar10Reader
 
     class DownloadingCIFAR10:
         def __init__(self, *args, **kwargs):
@@ -207,7 +207,7 @@ def test_run_nvae_wrapper_reads_the_crops_where_torchvision_would_download(monke
     monkeypatch.setitem(sys.modules, "torchvision", torchvision)
     monkeypatch.setitem(sys.modules, "torchvision.datasets", datasets)
     gpu_runs._offline_cifar10()
-    assert datasets.CIFAR10 is _Cifar10
+    assert datasets.CIFAR10 is Cifar10Reader
     root = cifar_format.make(tmp_path, n_train=10, n_test=2, for_target="nvae")
     assert len(datasets.CIFAR10(root=str(root), train=True, download=True)) == 10
 

@@ -116,33 +116,33 @@ def test_cli_names_a_missing_clone_and_the_fix(tmp_path, capsys):
 
 
 def test_run_fuses_on_a_gpu_where_compile_works_and_says_why(monkeypatch):
-    from vaepatch.runs import launch as runs_launch
+    from vaepatch.runs import prerun
     from vaepatch.variant import Variant
 
     patched, vanilla = Variant.parse("upbounded1"), Variant.parse("vanilla")
     monkeypatch.delenv("VAEPATCH_FUSE", raising=False)
-    monkeypatch.setattr(runs_launch, "compile_works", lambda device: (True, ""))
-    assert runs_launch.choose_fuse(None, cpu=False, variant=patched)[0] is True
-    fuse, why = runs_launch.choose_fuse(None, cpu=True, variant=patched)
+    monkeypatch.setattr(prerun, "compile_works", lambda device: (True, ""))
+    assert prerun.choose_fuse(None, cpu=False, variant=patched)[0] is True
+    fuse, why = prerun.choose_fuse(None, cpu=True, variant=patched)
     assert fuse is False and "on CPU" in why  # CPU: eager unless asked
-    assert runs_launch.choose_fuse(True, cpu=True, variant=patched) == (True, "fused (torch.compile), as asked (--fuse)")
-    assert runs_launch.choose_fuse(None, cpu=False, variant=vanilla)[0] is False  # nothing to fuse
-    monkeypatch.setattr(runs_launch, "compile_works", lambda device: (False, "RuntimeError: no Triton"))
-    fuse, why = runs_launch.choose_fuse(None, cpu=False, variant=patched)
+    assert prerun.choose_fuse(True, cpu=True, variant=patched) == (True, "fused (torch.compile), as asked (--fuse)")
+    assert prerun.choose_fuse(None, cpu=False, variant=vanilla)[0] is False  # nothing to fuse
+    monkeypatch.setattr(prerun, "compile_works", lambda device: (False, "RuntimeError: no Triton"))
+    fuse, why = prerun.choose_fuse(None, cpu=False, variant=patched)
     assert fuse is False and "no Triton" in why
-    assert runs_launch.choose_fuse(False, cpu=False, variant=patched)[0] is False  # --no-fuse
+    assert prerun.choose_fuse(False, cpu=False, variant=patched)[0] is False  # --no-fuse
     monkeypatch.setenv("VAEPATCH_FUSE", "1")
-    assert runs_launch.choose_fuse(None, cpu=True, variant=patched) == (
+    assert prerun.choose_fuse(None, cpu=True, variant=patched) == (
         True, "fused (torch.compile), as asked ($VAEPATCH_FUSE=1)")
 
 
 def test_compile_works_reports_a_failure_instead_of_raising(monkeypatch):
     import torch
 
-    from vaepatch.runs import launch as runs_launch
+    from vaepatch.runs import prerun
 
     def broken(*a, **k):
         raise RuntimeError("Compiler: cc not found\nmore")
 
     monkeypatch.setattr(torch, "compile", broken)
-    assert runs_launch.compile_works("cpu") == (False, "RuntimeError: Compiler: cc not found")
+    assert prerun.compile_works("cpu") == (False, "RuntimeError: Compiler: cc not found")

@@ -15,7 +15,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "vaepatch"
 # The math, the variants, the engine, what every launcher shares and the report: no upstream here.
 CORE = ("vaepatch.scales", "vaepatch.gaussian", "vaepatch.ou", "vaepatch.variant", "vaepatch.patching",
-        "vaepatch.precision", "vaepatch.blockmath", "vaepatch.report", "vaepatch.runs")
+        "vaepatch.precision", "vaepatch.blockmath", "vaepatch.compare", "vaepatch.runs")
 # Generic helpers the core may use (they know no upstream either).
 CORE_HELPERS = ("vaepatch.upstream", "vaepatch.git_clone", "vaepatch.version", "vaepatch.cifar_format",
                 "vaepatch.markdown")

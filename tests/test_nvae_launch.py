@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from vaepatch import cifar_format, report
+from vaepatch import cifar_format, compare
 from vaepatch.runs import events
-from vaepatch.runs.launch import free_port
+from vaepatch.runs.prerun import free_port
 from tests.nvae_support import nvae_clone
 
 CLONE, WHY_NOT = nvae_clone()
@@ -68,7 +68,7 @@ def test_every_step_logged_matches_nvae_own_epoch_loss(tmp_path, data):
     final = float(re.search(r"final valid nelbo (\S+)", text).group(1))
     epoch_nelbo = float(re.search(r"valid_nelbo (\S+)", text).group(1))
     epoch_bpd = float(re.search(r"valid bpd elbo (\S+)", text).group(1))
-    run = report.load_run(out)
+    run = compare.load_run(out)
     assert run.eval_final == final and run.eval_best == min(final, epoch_nelbo)
     assert run.bits_per_dim == pytest.approx(final * epoch_bpd / epoch_nelbo, rel=1e-5)
 

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from vaepatch import report, scales
+from vaepatch import compare, scales
 from vaepatch.runs import events, provenance
 from vaepatch.runs.recorder import StepRecorder, StopStalled
 
@@ -138,13 +138,13 @@ def test_compare_shows_stalled_runs_and_where_they_broke(tmp_path, capsys):
         writer.write(0, 1.0, 1.0, False, None, 0.1)
         writer.write(1, None, None, True, "nan", 0.1, nonfinite=["kl"], where=where)
         writer.write(2, None, None, True, "nan", 0.1, nonfinite=["kl"], where=where)
-    assert report.main([str(tmp_path)]) == 0
+    assert compare.main([str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert out.splitlines()[0].endswith("| stalled |")
     assert "| 1/1 (since step 1) |" in out
     assert "2 non-finite steps: kl non-finite at block 5 (16x16): prior sigma underflow" in out
     assert "first failure (seed 0): step 1: kl non-finite at block 5 (16x16): prior sigma underflow" in out
-    assert report.main([str(tmp_path), "--format", "json"]) == 0
+    assert compare.main([str(tmp_path), "--format", "json"]) == 0
     (summary,) = json.loads(capsys.readouterr().out)
     assert summary["stalled"] == {"runs": 1, "since": [1], "longest_recovered_streak": [0]}
     assert summary["nonfinite_origins"] == {"kl non-finite at block 5 (16x16): prior sigma underflow": 2}

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from vaepatch import cifar_format, report
+from vaepatch import cifar_format, compare
 from vaepatch.runs import events
 from tests.vdvae_support import require_vdvae, vdvae_clone
 
@@ -157,7 +157,7 @@ def test_killed_run_keeps_every_logged_step(tmp_path, data):
     steps = [e["step"] for e in log.events]
     assert len(steps) >= 6 and steps == list(range(len(steps)))
     assert all("truncated" in p for p in log.problems)  # at most the line being written when killed
-    assert "killed" in report.load_run(out).status
+    assert "killed" in compare.load_run(out).status
 
 
 def test_crash_is_recorded_in_run_json(tmp_path, data):

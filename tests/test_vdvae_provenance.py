@@ -13,7 +13,7 @@ import torch
 
 import vaepatch
 from vaepatch import cifar_format
-from vaepatch.runs.launch import free_port
+from vaepatch.runs.prerun import free_port
 from vaepatch.runs import events
 from tests.vdvae_support import require_vdvae, vdvae_clone
 

@@ -76,7 +76,7 @@ def _run(argv) -> int:
 
 
 def _compare(argv) -> int:
-    from vaepatch.report import main as compare_main
+    from vaepatch.compare import main as compare_main
 
     return compare_main(argv)
 

@@ -22,7 +22,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
-from vaepatch import report, scales
+from vaepatch import compare, scales
 from vaepatch.models import conv_vae
 from vaepatch.runs import events
 from vaepatch.runs import manifest as run_manifest
@@ -118,12 +118,12 @@ def main(argv=None) -> int:
     print(f"\nconv VAE overfitting 10 crops on 0..255, lr {LR}, decoder scale {conv_vae.DECODERS[DECODER]}, "
           f"{steps} steps, seeds {args.seed}..{args.seed + seeds - 1}:\n", flush=True)
     ours = {out / f"{e}-seed{s}" for _, e, _, s, *_ in todo}
-    others = [p for p in report.find_runs([out]) if p not in ours]
+    others = [p for p in compare.find_runs([out]) if p not in ours]
     if others:
         print(f"warning: {out} also holds {len(others)} runs from earlier invocations (e.g. {others[0].name}); "
               "they are in the table too. Use a fresh --out to see only these.", file=sys.stderr)
-    report.main([str(out)])
-    report.plot([report.load_run(p) for p in report.find_runs([out])], out / "demo.png", right="survival")
+    compare.main([str(out)])
+    compare.plot([compare.load_run(p) for p in compare.find_runs([out])], out / "demo.png", right="survival")
     sys.stdout.flush()
     print(f"\n{summary_line(results, ENCODERS)}.")
     print(f"{len(results)} runs, {steps_run} steps in {wall:.0f} s; runs and figure under {out}")

@@ -36,7 +36,8 @@ import time
 from pathlib import Path
 
 from vaepatch.bench import gpu_runs
-from vaepatch.bench.gpu_report import SCHEMA, Budget, dumps, read_json, render_markdown, write_atomic
+from vaepatch.bench.gpu_report import render_markdown
+from vaepatch.bench.gpu_state import SCHEMA, Budget, dumps, read_json, write_atomic
 from vaepatch.runs.manifest import now
 
 __all__ = ["BEST_MARGIN_VARIANT", "DEFAULT_VARIANTS", "SECTIONS", "GPU", "DRY_RUN", "config", "main"]

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from vaepatch.runs import events
 from vaepatch.runs import manifest as run_manifest
-from vaepatch.runs.launch import free_port
+from vaepatch.runs.prerun import free_port
 
 __all__ = ["make_data", "free_port", "vdvae_command", "nvae_command", "run_logged", "stop", "check_run", "main"]
 
@@ -142,9 +142,9 @@ def _offline_cifar10() -> None:
         import torchvision.datasets as tv_datasets
     except Exception:  # noqa: BLE001 - no torchvision (or a broken one): the torchvision-stub-nvae shim reads them
         return
-    from vaepatch.targets.nvae.shims import _Cifar10
+    from vaepatch.targets.nvae.shims import Cifar10Reader
 
-    tv_datasets.CIFAR10 = _Cifar10
+    tv_datasets.CIFAR10 = Cifar10Reader
 
 
 def main(argv=None) -> int:

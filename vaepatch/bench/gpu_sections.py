@@ -18,7 +18,7 @@ import warnings
 from pathlib import Path
 
 from vaepatch.bench import gpu_runs
-from vaepatch.bench.gpu_report import dumps, read_json, section_status, write_atomic
+from vaepatch.bench.gpu_state import dumps, read_json, section_status, write_atomic
 
 __all__ = ["SECTIONS", "Context", "main"]
 

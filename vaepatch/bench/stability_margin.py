@@ -38,7 +38,7 @@ from vaepatch.bench import fill_defaults
 from vaepatch.bench import stability_margin_report as report
 from vaepatch.runs import manifest as run_manifest
 from vaepatch.runs import verdict
-from vaepatch.runs.launch import free_port
+from vaepatch.runs.prerun import free_port
 from vaepatch.variant import Variant, split_list
 
 __all__ = ["log_grid", "next_rate", "collect", "run_grid", "main"]

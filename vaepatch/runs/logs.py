@@ -21,7 +21,7 @@ class UpstreamLog:
     ``eval_losses(logdir, problems)``: the eval losses in logged order from the folder a manifest's
     ``upstream_logdir`` names. ``marker`` and ``read_run(path, problems)``: optionally, the file that
     marks a run folder holding only the upstream's log (VDVAE's ``log.jsonl``) and how to read such a
-    run into the fields of ``vaepatch.report.Run`` (``counts``, ``curve``, ``evals``, ``variant``...).
+    run into the fields of ``vaepatch.compare.Run`` (``counts``, ``curve``, ``evals``, ``variant``...).
     """
 
     target: str

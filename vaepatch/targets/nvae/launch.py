@@ -31,7 +31,7 @@ from vaepatch.api import apply
 from vaepatch.patching import Patch, PatchSet
 from vaepatch.runs import events
 from vaepatch.runs import manifest as run_manifest
-from vaepatch.runs.launch import (check_max_steps, destroy_process_group, find_clone, require_device,
+from vaepatch.runs.prerun import (check_max_steps, destroy_process_group, find_clone, require_device,
                                   resolve_variant, shim_record, stalled_since)
 from vaepatch.runs.manifest import LaunchError
 from vaepatch.runs.events import STALL_STEPS

@@ -59,14 +59,14 @@ def _install_torchvision_nvae() -> Callable[[], None]:
             parent, _, child = name.rpartition(".")
             setattr(modules[parent], child, module)
     # What NVAE's default dataset needs, working: cifar10 = CIFAR10 + Compose(RandomHorizontalFlip, ToTensor)
-    modules["torchvision.datasets"].CIFAR10 = _Cifar10
+    modules["torchvision.datasets"].CIFAR10 = Cifar10Reader
     for public, transform in (("Compose", _Compose), ("RandomHorizontalFlip", _RandomHorizontalFlip),
                               ("ToTensor", _ToTensor)):
         setattr(modules["torchvision.transforms"], public, transform)
     return put_modules(modules)
 
 
-class _Cifar10:
+class Cifar10Reader:
     """torchvision.datasets.CIFAR10 stand-in: reads ``root/cifar-10-batches-py`` (the real CIFAR-10 or
     ``vaepatch make-data``) and never downloads; items are (transform(PIL image), label)."""
 

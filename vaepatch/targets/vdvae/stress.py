@@ -17,8 +17,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from vaepatch import cifar_format, report
-from vaepatch.runs.launch import free_port
+from vaepatch import cifar_format, compare
+from vaepatch.runs.prerun import free_port
 from vaepatch.targets.vdvae.tiny import TRAIN_ARGS as TINY_ARGS
 from vaepatch.variant import split_list, variants
 
@@ -88,12 +88,12 @@ def main(argv=None) -> int:
     seeds = [int(s) for s in args.seeds.split(",") if s]
     started = time.perf_counter()
     if args.report_only:
-        run_dirs = report.find_runs([out / "runs"])
+        run_dirs = compare.find_runs([out / "runs"])
     else:
         run_dirs = run_grid(out, names, seeds, args.steps, args.lr, args.jobs, args.upstream)
-    runs = [report.load_run(p) for p in run_dirs]
-    summary = report.summarize(runs)
-    text = report.render(summary, "md")
+    runs = [compare.load_run(p) for p in run_dirs]
+    summary = compare.summarize(runs)
+    text = compare.render(summary, "md")
     print(f"\nopenai/vdvae, tiny config on CPU, lr {args.lr}, {args.steps} steps, seeds {args.seeds}:\n")
     print(text)
     for problem in (p for s in summary for p in s["problems"]):
@@ -101,8 +101,8 @@ def main(argv=None) -> int:
     (out / "stress.md").write_text(text + "\n")
     (out / "stress.json").write_text(json.dumps(
         [{"run": str(r.path), "variant": r.variant, "seed": r.seed, "status": r.status,
-          "final_loss": r.final_loss, "problems": r.problems, **vars(r.counts)} for r in runs], indent=2) + "\n")
-    report.plot(runs, out / "stress.png")
+          "end_loss": r.end_loss, "problems": r.problems, **vars(r.counts)} for r in runs], indent=2) + "\n")
+    compare.plot(runs, out / "stress.png")
     print(f"\ntable: {out / 'stress.md'}, per run: {out / 'stress.json'}, figure: {out / 'stress.png'} "
           f"({time.perf_counter() - started:.0f} s)")
     return 0

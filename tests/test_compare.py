@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from vaepatch import report
+from vaepatch import compare
 from vaepatch.runs import events
 
 NAN = float("nan")
@@ -25,7 +25,7 @@ def _run(root, name, variant, seed, rows, status="completed", spec=None, **manif
 
 
 def _compare(capsys, *args):
-    code = report.main([str(a) for a in args])
+    code = compare.main([str(a) for a in args])
     out, err = capsys.readouterr()
     return code, out, err
 
@@ -42,9 +42,9 @@ def test_counts_mean_and_std_per_variant_from_events(tmp_path, capsys):
     assert v["nan_steps"] == {"mean": 1.5, "std": pytest.approx(math.sqrt(0.5)), "n": 2}
     assert v["grad_skips"]["mean"] == 0.5 and v["amp_skips"]["mean"] == 0.5
     assert v["first_nan_step"]["mean"] == 1
-    assert v["final_loss"] == {"mean": 3.5, "std": pytest.approx(math.sqrt(4.5)), "n": 2}  # last step of each
+    assert v["end_loss"] == {"mean": 3.5, "std": pytest.approx(math.sqrt(4.5)), "n": 2}  # last step of each
     assert by["upbounded1"]["nan_steps"] == {"mean": 0.0, "std": 0.0, "n": 1}
-    assert set(v) >= {"variant", "runs", "steps", "nan_steps", "grad_skips", "amp_skips", "final_loss", "problems"}
+    assert set(v) >= {"variant", "runs", "steps", "nan_steps", "grad_skips", "amp_skips", "end_loss", "problems"}
 
 
 def test_markdown_and_csv_agree(tmp_path, capsys):
@@ -174,13 +174,13 @@ def _plotted_runs(root):
     _run(root, "a", "vanilla", 0, [(1.0, False, None), (NAN, True, "nan"), (2.0, True, "grad"), (3.0, False, None)])
     _run(root, "b", "vanilla", 1, [(1.0, False, None), (2.0, False, None), (0.5, True, "grad")])
     _run(root, "c", "explin", 0, [(1.0, False, None), (0.5, False, None)])
-    return [report.load_run(root / name) for name in "abc"]
+    return [compare.load_run(root / name) for name in "abc"]
 
 
 def test_plot_draws_each_runs_loss_and_cumulative_skips(tmp_path, capsys):
     import matplotlib.pyplot as plt
 
-    fig = report.figure(_plotted_runs(tmp_path / "runs"), right="skips")
+    fig = compare.figure(_plotted_runs(tmp_path / "runs"), right="skips")
     try:
         ax_loss, ax_right = fig.axes
         # left: finite steps only (run a's NaN at step 1 leaves a gap); one colour per variant, labelled once
@@ -201,7 +201,7 @@ def test_plot_draws_the_share_of_runs_still_free_of_nan(tmp_path):
     import matplotlib.pyplot as plt
 
     runs = _plotted_runs(tmp_path / "runs")
-    fig = report.figure(runs, right="survival")
+    fig = compare.figure(runs, right="survival")
     try:
         ax_right = fig.axes[1]
         # vanilla: run a's NaN at step 1 leaves 1 of 2 from there; run b ended cleanly at step 2 and still counts at 3;
@@ -212,26 +212,26 @@ def test_plot_draws_the_share_of_runs_still_free_of_nan(tmp_path):
         assert ax_right.get_title() == "runs still free of NaN" and len(fig.axes[0].get_lines()) == 3
     finally:
         plt.close(fig)
-    png = report.plot(runs, tmp_path / "survival.png", right="survival")
+    png = compare.plot(runs, tmp_path / "survival.png", right="survival")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_survival_is_the_share_of_runs_with_no_nan_up_to_each_step():
     def run(losses):
-        return report.Run(path=None, variant="v", curve=[(s, loss, loss is None) for s, loss in enumerate(losses)])
+        return compare.Run(path=None, variant="v", curve=[(s, loss, loss is None) for s, loss in enumerate(losses)])
 
     nan_at_3 = run([5.0, 4.0, 3.0, None, 2.0, 1.0, 1.0, 1.0])  # finite again after its NaN: still counted out
     clean = run([5.0, 4.0, 3.0, 2.0, 2.0, 1.0, 1.0, 1.0])
     ended_at_5 = run([5.0, 4.0, 3.0, 2.0, 2.0, 1.0])  # ended cleanly: free of NaN at steps 6 and 7 too
-    steps, share = report.survival([nan_at_3, clean, ended_at_5])
+    steps, share = compare.survival([nan_at_3, clean, ended_at_5])
     assert steps == [0, 1, 2, 3, 4, 5, 6, 7]
     assert share == pytest.approx([1, 1, 1, 2 / 3, 2 / 3, 2 / 3, 2 / 3, 2 / 3])
-    assert report.survival([clean]) == (list(range(8)), [1.0] * 8)
-    assert report.survival([run([None, 1.0])]) == ([0, 1], [0.0, 0.0])
-    assert report.survival([ended_at_5], last=7) == (list(range(8)), [1.0] * 8)  # spans the steps asked for
+    assert compare.survival([clean]) == (list(range(8)), [1.0] * 8)
+    assert compare.survival([run([None, 1.0])]) == ([0, 1], [0.0, 0.0])
+    assert compare.survival([ended_at_5], last=7) == (list(range(8)), [1.0] * 8)  # spans the steps asked for
     nan_gradient_at_2 = run([5.0, 4.0, 3.0, 2.0])  # a finite loss, its update skipped for a NaN (events: "nan")
     nan_gradient_at_2.counts = events.Counts(first_nan_step=2)
-    assert report.survival([nan_gradient_at_2, clean]) == (list(range(8)), [1, 1, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5])
+    assert compare.survival([nan_gradient_at_2, clean]) == (list(range(8)), [1, 1, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5])
 
 
 def test_nvae_eval_loss_and_bits_per_dim_come_from_nvae_log(tmp_path, capsys):
@@ -245,7 +245,7 @@ def test_nvae_eval_loss_and_bits_per_dim_come_from_nvae_log(tmp_path, capsys):
         "11/21 06:06:20 PM (Elapsed: 00:00:24) final valid nelbo 2800.5\n")
     _run(tmp_path / "runs", "r", "explin", 0, [(3000.0, False, None), (3100.0, True, "amp"), (NAN, True, "nan")], target="nvae",
          upstream_logdir=str(logdir), loss_unit="nats/image", dims_per_image=3072)
-    run = report.load_run(tmp_path / "runs" / "r")
+    run = compare.load_run(tmp_path / "runs" / "r")
     assert (run.eval_final, run.eval_best) == (2800.5, 2800.5)
     assert run.bits_per_dim == pytest.approx(2800.5 / math.log(2) / 3072)
     s = json.loads(_compare(capsys, tmp_path / "runs", "--format", "json")[1])[0]
@@ -253,4 +253,4 @@ def test_nvae_eval_loss_and_bits_per_dim_come_from_nvae_log(tmp_path, capsys):
     assert s["bits_per_dim"]["mean"] == pytest.approx(2800.5 / math.log(2) / 3072)
     without_dims = _run(tmp_path / "more", "r", "explin", 0, [(1.0, False, None)], target="nvae",
                         upstream_logdir=str(logdir), loss_unit="nats/image")
-    assert report.load_run(without_dims).bits_per_dim is None  # no unit conversion without the dimension count
+    assert compare.load_run(without_dims).bits_per_dim is None  # no unit conversion without the dimension count

@@ -38,7 +38,7 @@ class Run:
     status: str = "unknown"
     source: str = "events"  # or "vdvae-log"
     counts: _events.Counts = field(default_factory=_events.Counts)
-    final_loss: float | None = None
+    end_loss: float | None = None
     eval_final: float | None = None
     eval_best: float | None = None
     loss_unit: str | None = None
@@ -72,7 +72,7 @@ def _from_upstream_log(path: Path, run: Run, log: _logs.UpstreamLog) -> None:
     _set_evals(run, fields.pop("evals", []))
     for key, value in fields.items():
         setattr(run, key, value)
-    run.final_loss = _verdict.end_loss(run.curve)
+    run.end_loss = _verdict.end_loss(run.curve)
 
 
 def _upstream_evals(target, logdir: Path, problems: list) -> list:
@@ -134,7 +134,7 @@ def load_run(path) -> Run:
     run.counts = _events.count(log.events, stall_steps if isinstance(stall_steps, int) and stall_steps > 0
                                else _events.STALL_STEPS)
     run.curve = _verdict.curve(log.events)
-    run.final_loss = _verdict.end_loss(run.curve)
+    run.end_loss = _verdict.end_loss(run.curve)
     return run
 
 
@@ -194,7 +194,7 @@ def summarize(runs: list[Run]) -> list[dict]:
             "amp_skips": _stat([c.amp_skips for c in counts]),
             "skipped": _stat([c.skipped for c in counts]),
             "first_nan_step": _stat([c.first_nan_step for c in counts]),
-            "final_loss": _stat([r.final_loss for r in members]),
+            "end_loss": _stat([r.end_loss for r in members]),
             "eval_loss": _stat([r.eval_final for r in members]),
             "best_eval_loss": _stat([r.eval_best for r in members]),
             "bits_per_dim": _stat([r.bits_per_dim for r in members]),
@@ -219,8 +219,8 @@ def _cell(stat: dict, runs: int, digits: str = ".4g") -> str:
 
 
 COLUMNS = ("variant", "runs", "steps", "NaN steps", "high-grad skips", "AMP skips", "first NaN step",
-           "final loss", "eval loss (final)", "eval loss (best)", "bits/dim", "stalled")
-_KEYS = ("nan_steps", "grad_skips", "amp_skips", "first_nan_step", "final_loss", "eval_loss",
+           "end loss", "eval loss (final)", "eval loss (best)", "bits/dim", "stalled")
+_KEYS = ("nan_steps", "grad_skips", "amp_skips", "first_nan_step", "end_loss", "eval_loss",
          "best_eval_loss", "bits_per_dim")
 
 
