@@ -254,3 +254,28 @@ def test_nvae_eval_loss_and_bits_per_dim_come_from_nvae_log(tmp_path, capsys):
     without_dims = _run(tmp_path / "more", "r", "explin", 0, [(1.0, False, None)], target="nvae",
                         upstream_logdir=str(logdir), loss_unit="nats/image")
     assert compare.load_run(without_dims).bits_per_dim is None  # no unit conversion without the dimension count
+
+
+def test_a_key_in_compare_and_in_a_verdict_means_the_same_thing(tmp_path):
+    """compare's JSON (per variant, mean over runs) and the stability-margin bench's run records
+    (``vaepatch.runs.verdict``) share a vocabulary: on a variant of one run, every shared key agrees."""
+    from vaepatch.runs import verdict
+
+    rows = [(6.0, False, None), (5.0, False, None), (9e3, True, "grad"), (4.0, False, None), (NAN, True, "nan"),
+            (3.0, True, "amp"), (3.5, False, None), (3.0, False, None), (2.5, False, None), (2.0, False, None),
+            (1.9, False, None)]
+    run_dir = _run(tmp_path, "r", "vanilla", 0, rows, status="stopped at --max-steps 11")
+    (summary,) = compare.summarize([compare.load_run(run_dir)])
+    record = verdict.judge_dir(run_dir, steps=len(rows))
+    shared = set(summary) & set(record)
+    assert {"steps", "grad_skips", "amp_skips", "nonfinite_origins", "status"} <= shared
+    for key in shared:
+        value = summary[key]
+        value = value["mean"] if isinstance(value, dict) and "mean" in value else value
+        assert value == ([record[key]] if key == "status" else record[key]), key  # compare lists its runs' statuses
+    # the words each side has on its own are counted the same way underneath
+    counts = events.count(events.read(run_dir).events)
+    assert summary["nan_steps"]["mean"] == counts.nan_steps == 1
+    assert record["nonfinite_loss_steps"] == counts.nonfinite_loss_steps == 1
+    assert summary["end_loss"]["mean"] == pytest.approx(1.95)  # mean logged loss of the last 2 of 11 steps
+    assert record["end_nelbo"] == pytest.approx(1.95)  # no kl/recon parts logged: the NELBO is the loss
