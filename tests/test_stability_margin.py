@@ -57,7 +57,8 @@ def test_a_cell_is_unknown_while_a_seed_is_missing_and_failed_once_one_fails():
     assert report.cell_state([_run(), _run()]) is True
     summary = report.cell_summary([_run(), missing])
     assert (summary["failed"], summary["not_run"]) == (0, 1)
-    assert report._cell_text(summary) == "not run"  # not "1/2 failed"
+    assert report._cell_text(summary) == "1 of 2 run, passed so far"  # not "1/2 failed"
+    assert report._cell_text(report.cell_summary([missing, missing])) == "not run"
 
 
 def test_cell_summary_reports_end_nelbo_of_passing_runs_and_spikes():

@@ -276,7 +276,7 @@ def write(out: Path, args, policies, names, lrs, seeds, extra, cells, seconds) -
     summaries = {p: {key: report.cell_summary(runs) for key, runs in cells[p].items()} for p in policies}
     results = {p: report.margins({key: s["state"] for key, s in summaries[p].items()}, lrs, names) for p in policies}
     title = (f"{args.target} tiny config, CPU, {args.steps} steps, {len(seeds)} seeds: failed seeds per variant x "
-             f"learning rate, and below it the end NELBO (mean of the last 10% of steps) of the passing runs")
+             f"learning rate, and below it the end NELBO (median of the last 10% of steps) of the passing runs")
     lines = [f"# {title}", "", "Margins (largest rate that trains below the first that does not):", ""]
     lines += report.margin_lines(results, summaries, names)
     for p in policies:

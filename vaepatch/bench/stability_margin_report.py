@@ -92,7 +92,8 @@ def _loss(stat: dict, of: int) -> str:
 
 def _cell_text(summary: dict) -> str:
     if summary["state"] is None:
-        return "not run"
+        done = summary["n_runs"] - summary["not_run"]
+        return "not run" if not done else f"{done} of {summary['n_runs']} run, passed so far"
     if summary["state"]:
         text = f"pass · {_loss(summary['end_nelbo'], summary['n_runs'])}"
     else:
