@@ -7,11 +7,11 @@
 #   run_scripts/gpu_check.sh --out "$OUT" --work /tmp/vaepatch-gpu-work    # on the GPU machine
 #   run_scripts/gpu_check.sh --dry-run --out gpu-check-dry                 # a CPU: tiny sizes, < 2 minutes
 #
-# The GPU machine has no network: run_scripts/gpu_prepare.sh (here, once) puts the wheels it needs
+# For a GPU machine without network, run_scripts/gpu_prepare.sh (once, with network) puts the wheels it needs
 # in .whl/ (mpi4py, mpich, GitPython, gitdb, smmap for python 3.12), which this script installs
 # into a private prefix first (not with --dry-run or --no-wheels), and a git binary in .whl/git/,
-# used only where the machine has no git. The clones travel with the tree (carry third_party/vdvae
-# and third_party/nvae). Every other argument goes to `vaepatch bench gpu` (its --help lists them).
+# used only where the machine has no git. Copy the clones (third_party/vdvae, third_party/nvae) with
+# the checkout. Every other argument goes to `vaepatch bench gpu` (its --help lists them).
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 REPO=$PWD
@@ -38,13 +38,13 @@ if [ "$WHEELS" = 1 ] && compgen -G ".whl/*.whl" >/dev/null; then
   export PYTHONPATH="$(dirname "$(dirname "$marker")")${PYTHONPATH:+:$PYTHONPATH}"
   export PATH="$PREFIX/bin:$PATH"                                     # mpiexec (mpich's hydra)
   export LD_LIBRARY_PATH="$PREFIX/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"  # libmpi.so.12, for mpi4py
-  echo "gpu_check.sh: installed $(ls .whl/*.whl | wc -l) carried wheels into $PREFIX"
+  echo "gpu_check.sh: installed $(ls .whl/*.whl | wc -l) prepared wheels into $PREFIX"
 fi
 if ! command -v git >/dev/null && [ -x .whl/git/git ]; then  # last: the machine's own libraries win
   export PATH="$PATH:$REPO/.whl/git" LD_LIBRARY_PATH="${LD_LIBRARY_PATH:+$LD_LIBRARY_PATH:}$REPO/.whl/git"
-  echo "gpu_check.sh: no git on this machine; using the carried .whl/git/git"
+  echo "gpu_check.sh: no git on this machine; using the prepared .whl/git/git"
 fi
-# The carried clones may arrive with another owner or without their file modes: git then refuses the
+# Copied clones may arrive with another owner or without their file modes: git then refuses the
 # repository ("dubious ownership") or calls every script modified. Neither changes a file's content,
 # which is what vaepatch verifies. Set for this check's processes only.
 export GIT_CONFIG_COUNT=2 GIT_CONFIG_KEY_0=safe.directory GIT_CONFIG_VALUE_0='*' \
