@@ -44,7 +44,7 @@ from vaepatch.variant import Variant, split_list
 __all__ = ["log_grid", "next_rate", "collect", "run_grid", "main"]
 
 # In priority order (a grid that is stopped early has run the first ones' cells first).
-VARIANTS = ("vanilla,qfloor-cst1,qfloor-floor,upbounded1-cst1,upbounded1-floor,upbounded1,explin-cst1,explin,"
+VARIANTS = ("vanilla,qfloor-cst1,upbounded1-cst1,qfloor-floor,upbounded1-floor,upbounded1,explin-cst1,explin,"
             "softplus-ln2")
 DEFAULTS = {"vdvae": dict(lrs="0.005:0.16:6", start=0.02, seeds="0,1,2", steps=1000, stall_steps=100, variants=VARIANTS,
                           skip="both"),
@@ -127,7 +127,7 @@ class _Searches:
     def __init__(self, out, policies, names, lrs, seeds, steps, start, every_cell):
         self.out, self.lrs, self.seeds, self.steps, self.every_cell = out, lrs, seeds, steps, every_cell
         self.start = lrs[0] if start is None else min(lrs, key=lambda lr: abs(lr - start))
-        self.searches = [(p, n) for p in policies for n in names]
+        self.searches = [(p, n) for n in names for p in policies]  # a variant under both policies, then the next
         self.known: dict = {}  # run dir -> verdict of a finished run (they do not change)
 
     def _verdict(self, run_dir: Path) -> dict:
@@ -164,7 +164,7 @@ class _Searches:
 def run_grid(target: str, out: Path, policies, names, lrs, seeds, steps: int, stall_steps: int, *, start=None, jobs: int = 2,
              extra=(), upstream=None, every_cell: bool = False, launch=_one) -> dict:
     """Run what is not finished yet, ``jobs`` runs at a time, the searches' runs in priority order (the
-    policies, then the variants, as given: the first search's next run always goes first); returns
+    variants as given, each under every policy: the first search's next run always goes first); returns
     :func:`collect`'s cells."""
     from concurrent.futures import FIRST_COMPLETED, wait
 
