@@ -360,10 +360,42 @@ def test_apply_twice_is_noop_and_swap_is_clean(plain_model, nvae):
 def test_fingerprints_match_the_pinned_clone(nvae):
     from vaepatch.targets.nvae import patch as target
 
-    patches = target.build(vaepatch.Variant.parse("upbounded1,ou=0.9x5"), nvae)  # OU adds Normal.sample
+    # OU adds Normal.sample; a constant prior adds the weight normalization, in neural_operations and where
+    # neural_ar_operations imported it by value (fingerprinted where it is defined)
+    patches = target.build(vaepatch.Variant.parse("upbounded1-cst1,ou=0.9x5"), nvae)
     assert PatchSet(patches).check() == []
-    assert len(patches) == 7 and all(p.fingerprint for p in patches)
-    assert set(target.FINGERPRINTS) == {(f"{p.owner.__module__}.{p.owner.__qualname__}", p.attribute) for p in patches}
+    by_value = [p for p in patches if getattr(p.owner, "__name__", "") == "neural_ar_operations"]
+    assert len(patches) == 9 and len(by_value) == 1 and all(p.fingerprint for p in patches if p not in by_value)
+
+    def owner(p):
+        return p.owner.__name__ if isinstance(p.owner, type(sys)) else f"{p.owner.__module__}.{p.owner.__qualname__}"
+
+    assert set(target.FINGERPRINTS) == {(owner(p), p.attribute) for p in patches if p not in by_value}
+    assert len(target.build(vaepatch.Variant.parse("upbounded1"), nvae)) == 6  # no constant side: NVAE's norm as is
+
+
+def test_a_constant_prior_keeps_nvaes_weight_norm_finite_at_a_zero_filter(nvae):
+    """Under a constant prior the prior heads' scale filters get no gradient from the loss, only NVAE's
+    weight decay, until their squares underflow; NVAE's sqrt(sum w^2) then has a NaN gradient."""
+    operations = sys.modules["neural_operations"]
+    conv = operations.Conv2D(3, 4, kernel_size=1, weight_norm=True)
+    with torch.no_grad():
+        conv.weight[1].fill_(1e-24)  # its square underflows: the norm is 0
+    x = torch.randn(2, 3, 5, 5)
+
+    def grads():
+        conv.zero_grad()
+        (conv(x)[:, [0, 2, 3]] ** 2).sum().backward()  # filter 1 feeds nothing: no gradient from the loss
+        return conv.weight.grad
+
+    assert torch.isnan(grads()[1]).all()  # NVAE's own
+    vaepatch.apply("qfloor-cst1", target="nvae")
+    g = grads()
+    assert torch.isfinite(g).all() and (g[1] == 0).all() and g[0].abs().sum() > 0
+    vaepatch.revert("nvae")
+    assert torch.isnan(grads()[1]).all()  # restored
+    vaepatch.apply("upbounded1", target="nvae")  # no constant side: NVAE's weight norm is left alone
+    assert torch.isnan(grads()[1]).all()
 
 
 def test_finite_loss_and_gradients(nvae):

@@ -19,6 +19,10 @@ soft-clamps mu and log sigma to +-5, adds 0.01 to sigma, stores only sigma and t
   ``dec_sampler[i]`` (prior) through the prior one -- and Normals built inside the call read
   their ``log_sigma`` argument as that exact log sigma.
 
+- with a constant side (``-cst1`` variants), NVAE's weight normalization ``normalize_weight_jit`` (in
+  ``neural_operations`` and ``neural_ar_operations``): the same value, a gradient of 0 instead of NaN at
+  an all-zero filter (:func:`safe_normalize_weight`: why a constant prior makes one).
+
 Side information therefore comes from the heads, not from a copy of NVAE's model code. What
 follows from it inside ``forward`` / ``sample``:
 
@@ -73,6 +77,7 @@ FINGERPRINTS = {
     ("model.AutoEncoder", "forward"): "e6d70f07361bd465",
     ("model.AutoEncoder", "sample"): "dd40de22aa3daaa5",
     ("distributions.Normal", "sample"): "c55046af838500f7",
+    ("neural_operations", "normalize_weight_jit"): "e3f3d85332374699",
 }
 
 _state = threading.local()  # .depth: AutoEncoder calls running in this thread; .decoder: NormalDecoder's scale
@@ -129,6 +134,18 @@ def _temper(scale, log_scale, t):
     if t < 0:
         raise ValueError(f"NVAE temperature must be >= 0 (it multiplies sigma), got {t!r}")
     return scale * t, log_scale + (math.log(t) if t > 0 else -math.inf)
+
+
+def safe_normalize_weight(log_weight_norm, weight):
+    """NVAE's weight normalization, exp(log g) * w / (||w|| + 1e-5) per output filter, with a norm whose
+    gradient at an all-zero filter is 0 (``torch.linalg.vector_norm``) where sqrt(sum w^2) gives NaN.
+
+    Needed under a constant prior: the prior heads' scale filters then get no gradient from the loss,
+    only NVAE's weight decay, which shrinks them until w^2 underflows; sqrt's gradient at 0 is infinite,
+    times 0 is NaN, and NVAE applies that update (seen on the tiny NVAE at lr 0.1 after ~930 steps, in
+    every seed). The same value elsewhere."""
+    norm = torch.linalg.vector_norm(weight, dim=(1, 2, 3)).view(-1, 1, 1, 1)
+    return torch.exp(log_weight_norm) * weight / (norm + 1e-5)
 
 
 def _log_sigma(dist):
@@ -226,7 +243,13 @@ def build(variant, modules, fuse=False):
         raise PatchError(f"model.Normal ({getattr(model, 'Normal')!r}) is not distributions.Normal: model.py was "
                          "imported against another distributions module; start a fresh interpreter")
     ou_patches = [Patch(Normal, "sample", draw, fp("distributions.Normal", "sample"))] if smoothing else []
-    return ou_patches + [
+    constant_side = any(side is not None and side.name == "constant" for side in (variant.posterior, variant.prior))
+    operations = [sys.modules[name] for name in ("neural_operations", "neural_ar_operations") if name in sys.modules]
+    norm_patches = [Patch(module, "normalize_weight_jit", safe_normalize_weight,
+                          fp("neural_operations", "normalize_weight_jit") if module.__name__ == "neural_operations"
+                          else None)
+                    for module in operations] if constant_side else []
+    return ou_patches + norm_patches + [
         Patch(Normal, "__init__", normal_init, fp("distributions.Normal", "__init__")),
         Patch(Normal, "log_p", log_p, fp("distributions.Normal", "log_p")),
         Patch(Normal, "kl", kl, fp("distributions.Normal", "kl")),
