@@ -61,7 +61,8 @@ def _import_upstream(name, upstream, strict):
     except _upstream.UpstreamError:
         if strict:
             raise
-        warnings.warn(f"{name} clone at {path} is not the pinned commit or has local edits; patching anyway (strict=False)", stacklevel=4)
+        warnings.warn(f"{name} clone at {path} is not the pinned commit or has local edits; "
+                      "patching anyway (strict=False)", stacklevel=4)
     _upstream.add_to_path(path)
     try:
         modules = {m: importlib.import_module(m) for m in target.MODULES}
@@ -70,8 +71,9 @@ def _import_upstream(name, upstream, strict):
                                       f"{getattr(target, 'IMPORT_HINT', '')}".rstrip()) from err
     for m, mod in modules.items():
         if not str(getattr(mod, "__file__", "")).startswith(str(path)):
-            raise _upstream.UpstreamError(f"module {m!r} was imported from {getattr(mod, '__file__', '?')}, not from the {name} clone at {path}: "
-                                          f"another module named {m!r} shadows it. Start a fresh interpreter, or put {path} first on sys.path.")
+            raise _upstream.UpstreamError(f"module {m!r} was imported from {getattr(mod, '__file__', '?')}, "
+                                          f"not from the {name} clone at {path}: another module named {m!r} "
+                                          f"shadows it. Start a fresh interpreter, or put {path} first on sys.path.")
     return modules, str(path)
 
 

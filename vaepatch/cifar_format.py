@@ -110,7 +110,8 @@ def main(argv=None) -> int:
     import argparse
 
     parser = argparse.ArgumentParser(prog="vaepatch make-data",
-                                     description="write a small CIFAR-10-format dataset from scikit-learn's bundled photos")
+                                     description="write a small CIFAR-10-format dataset from scikit-learn's "
+                                                 "bundled photos")
     parser.add_argument("dest", help="folder to write (becomes VDVAE's --data_root or NVAE's --data)")
     parser.add_argument("--train", type=int, default=6000,
                         help=f"training images (> {VALIDATION_HOLDOUT} for VDVAE, which holds that many out)")

@@ -93,7 +93,8 @@ def _make_data(argv) -> int:
     return make_main(argv)
 
 
-COMMANDS = {"bench": _bench, "demo": _demo, "run": _run, "compare": _compare, "make-data": _make_data, "variants": _variants, "fetch": _fetch}
+COMMANDS = {"bench": _bench, "demo": _demo, "run": _run, "compare": _compare, "make-data": _make_data,
+            "variants": _variants, "fetch": _fetch}
 
 
 def main(argv=None) -> int:

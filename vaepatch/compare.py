@@ -164,7 +164,8 @@ def find_runs(paths, problems: list[str] | None = None) -> list[Path]:
         else:
             walk(p)
             if len(found) == before:
-                problems.append(f"{p}: no runs found (no run.json, events.jsonl or upstream log such as VDVAE's log.jsonl under it)")
+                problems.append(f"{p}: no runs found (no run.json, events.jsonl or upstream log such as VDVAE's "
+                                "log.jsonl under it)")
     return found
 
 
@@ -252,7 +253,8 @@ def provenance_lines(summary: list[dict]) -> list[str]:
         if not s["nonfinite_origins"] and not s["first_failures"]:
             continue
         lines.append(f"- **{s['variant']}**")
-        lines += [f"  - {n} non-finite step{'s' if n != 1 else ''}: {origin}" for origin, n in s["nonfinite_origins"].items()]
+        lines += [f"  - {n} non-finite step{'s' if n != 1 else ''}: {origin}"
+                  for origin, n in s["nonfinite_origins"].items()]
         lines += [f"  - first failure (seed {f['seed']}): {f['failure']}" for f in s["first_failures"]]
     return ["", "Where runs broke:", *lines] if lines else []
 
@@ -268,7 +270,8 @@ def render(summary: list[dict], fmt: str = "md") -> str:
                         + [f"{k}_{part}" for k in _KEYS for part in ("mean", "std", "n")])
         for s in summary:
             writer.writerow([s["variant"], s["variant_spec"], s["runs"], s["steps"]]
-                            + ["" if s[k][part] is None else s[k][part] for k in _KEYS for part in ("mean", "std", "n")])
+                            + ["" if s[k][part] is None else s[k][part]
+                               for k in _KEYS for part in ("mean", "std", "n")])
         return buffer.getvalue().rstrip("\n")
     if fmt != "md":
         raise ValueError(f"unknown format {fmt!r}; use md, csv or json")

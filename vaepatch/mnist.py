@@ -36,7 +36,8 @@ def load_mnist(path) -> np.ndarray:
     """The images of an MNIST file as an (N, 28, 28) uint8 array; never downloads."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"MNIST file {str(path)!r} does not exist (or is not a file); get it from {MNIST_SOURCE}")
+        raise FileNotFoundError(f"MNIST file {str(path)!r} does not exist (or is not a file); "
+                                f"get it from {MNIST_SOURCE}")
     try:
         raw = path.read_bytes()
         if raw[:2] == b"\x1f\x8b":

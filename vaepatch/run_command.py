@@ -34,14 +34,16 @@ def parser():
                    help=f"stop cleanly once N steps in a row (default {STALL_STEPS}) had no update (skipped or "
                         "non-finite): the run is dead. Without it a stall is still detected and marked in run.json")
     p.add_argument("--stop-at-nonfinite", action="store_true",
-                   help="stop cleanly after the first step whose loss was non-finite (for sweeps: a failed run costs little)")
+                   help="stop cleanly after the first step whose loss was non-finite "
+                        "(for sweeps: a failed run costs little)")
     p.add_argument("--no-strict", action="store_true", help="patch a clone that differs from the pin (warns)")
     own = {}
     for name in targets.NAMES:
         group = p.add_argument_group(f"{name} only")
         targets.part(name, "launch").add_arguments(group)
         own[name] = [(action.dest, action.option_strings[0]) for action in group._group_actions]
-    usage = [f"vaepatch run {name} --variant V --out DIR [--upstream PATH] [--cpu] [--max-steps N] [--stop-when-stalled [N]] "
+    usage = [f"vaepatch run {name} --variant V --out DIR [--upstream PATH] [--cpu] [--max-steps N] "
+             "[--stop-when-stalled [N]] "
              + "".join(f"[{flag}] " for _, flag in own[name]) + "-- <train.py args>" for name in targets.NAMES]
     p.usage = "\n       ".join(usage)
     return p, own

@@ -310,7 +310,8 @@ def get(spec) -> Scale:
     else:
         values = []
     if len(values) > len(params):
-        raise ValueError(f"{name} takes {len(params)} parameter(s) ({', '.join(params) or 'none'}), got {len(values)} in {spec!r}; accepted: {accepted()}")
+        raise ValueError(f"{name} takes {len(params)} parameter(s) ({', '.join(params) or 'none'}), "
+                         f"got {len(values)} in {spec!r}; accepted: {accepted()}")
     values = tuple(values) + tuple(defaults[len(values):])
     _check_range(entry, dict(zip(params, values)), spec)
     return Scale(name, tuple(float(v) for v in values), description)
@@ -328,7 +329,8 @@ def _check_range(entry, values, spec):
         bad(problem)
 
 
-_OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv, ast.Pow: operator.pow}
+_OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
+        ast.Pow: operator.pow}
 _FUNCS = {"sqrt": math.sqrt, "log": math.log, "exp": math.exp}
 
 
@@ -342,11 +344,13 @@ def _number(text, spec):
             return _OPS[type(node.op)](ev(node.left), ev(node.right))
         if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
             return -ev(node.operand) if isinstance(node.op, ast.USub) else ev(node.operand)
-        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in _FUNCS and len(node.args) == 1:
+        if (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in _FUNCS
+                and len(node.args) == 1):
             return _FUNCS[node.func.id](ev(node.args[0]))
         raise ValueError
 
     try:
         return ev(ast.parse(text.strip(), mode="eval").body)
     except (ValueError, SyntaxError, ZeroDivisionError, OverflowError, TypeError):
-        raise ValueError(f"cannot read number {text.strip()!r} in scale spec {spec!r}; accepted: {accepted()}") from None
+        raise ValueError(f"cannot read number {text.strip()!r} in scale spec {spec!r}; "
+                         f"accepted: {accepted()}") from None

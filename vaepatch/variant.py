@@ -115,7 +115,8 @@ class Variant:
         if isinstance(spec, Variant):
             return spec
         if not isinstance(spec, (str, os.PathLike)):
-            raise ValueError(f"variant must be a string, path or Variant, got {type(spec).__name__}; accepted: {_forms()}")
+            raise ValueError(f"variant must be a string, path or Variant, got {type(spec).__name__}; "
+                             f"accepted: {_forms()}")
         text = os.fspath(spec).strip()
         if not text:
             raise ValueError(f"empty variant spec; accepted: {_forms()}")
@@ -158,7 +159,8 @@ def from_toml(path) -> Variant:
     try:
         data = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as err:
-        raise ValueError(f"variant file {str(path)!r} is not valid TOML: {err}; accepted keys: {', '.join(_KEYS)}") from None
+        raise ValueError(f"variant file {str(path)!r} is not valid TOML: {err}; "
+                         f"accepted keys: {', '.join(_KEYS)}") from None
     return _from_mapping(path.stem, data, str(path))
 
 
@@ -213,7 +215,8 @@ def _parse_inline(text: str) -> Variant:
         if key not in SIDES + ("ou",):
             raise ValueError(f"unknown variant key {key!r} in {text!r}; accepted keys: {', '.join(SIDES + ('ou',))}")
         if key in seen:
-            raise ValueError(f"variant key {key!r} given twice in {text!r}; accepted keys, each at most once: {', '.join(SIDES + ('ou',))}")
+            raise ValueError(f"variant key {key!r} given twice in {text!r}; "
+                             f"accepted keys, each at most once: {', '.join(SIDES + ('ou',))}")
         seen.add(key)
         data[key] = value.strip()
     variant = _from_mapping(text, data, f"variant {text!r}")

@@ -65,8 +65,9 @@ NVAE_SMALL = ["--num_channels_enc", "32", "--num_channels_dec", "32", "--num_lat
 # Each section: its sizes, its cap (the most it may take) and the least time worth starting it with.
 GPU = {
     "preflight": dict(cap_s=90, min_s=10),
-    "vdvae-step-time": dict(size="cifar10", configs=[["upbounded1", False], ["upbounded1", True], ["explin-cst1", False],
-                                                     ["explin-cst1", True]], steps=20, warmup=5, cap_s=210, min_s=60),
+    "vdvae-step-time": dict(size="cifar10", configs=[["upbounded1", False], ["upbounded1", True],
+                                                     ["explin-cst1", False], ["explin-cst1", True]],
+                            steps=20, warmup=5, cap_s=210, min_s=60),
     # lr: NVAE's own 1e-2 without its 5-epoch warm-up (what keeps NVAE's early steps stable)
     "nvae-amp": dict(model_name="small", batch=32, lr=1e-2, steps=300, warmup=20, cap_s=150, min_s=45),
     "launcher": dict(steps=30, vdvae_variant="upbounded1", nvae_variant="upbounded1-cst1", vdvae_batch=16,
@@ -173,8 +174,8 @@ def run_section(check: Check, name: str, seconds: float, config_path: Path, budg
     record.update(seconds=round(time.monotonic() - t0, 1), result=partial.get("result"),
                   status=partial.get("status") or "error", error=partial.get("error"))
     if stopped:
-        record.update(status="timeout", error=f"stopped after {kill_after:.0f} s (its share of --budget-s); what it had "
-                                              "measured is kept")
+        record.update(status="timeout", error=f"stopped after {kill_after:.0f} s (its share of --budget-s); "
+                                              "what it had measured is kept")
     elif code != 0 and record["status"] in ("running", "ok", "error") and not record["error"]:
         record.update(status="error", error=f"exit code {code}: " + log.read_text(errors="replace")[-1500:])
     return record
@@ -213,7 +214,8 @@ def _one_section(check: Check, name: str, spec: dict, config_path: Path, budget:
         record["archive_error"] = str(err)
     check.save(budget)
     note = (record.get("error") or record.get("note") or "").splitlines()
-    print(f"== {name}: {record['status']} ({record.get('seconds') or 0:.0f} s) {note[0][:200] if note else ''}", flush=True)
+    print(f"== {name}: {record['status']} ({record.get('seconds') or 0:.0f} s) {note[0][:200] if note else ''}",
+          flush=True)
 
 
 def _parser():
@@ -226,10 +228,12 @@ def _parser():
     p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto", help="auto: cuda when torch sees one")
     p.add_argument("--budget-s", type=float, help=f"wall-clock budget (default {BUDGET_S[False]:.0f}; --dry-run "
                                                   f"{BUDGET_S[True]:.0f})")
-    p.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated, in order (default: {','.join(SECTIONS)})")
+    p.add_argument("--sections", default=",".join(SECTIONS),
+                   help=f"comma-separated, in order (default: {','.join(SECTIONS)})")
     p.add_argument("--variants", help=f"NVAE AMP variants, ';'-separated (default {DEFAULT_VARIANTS!r}"
                                       " + BEST_MARGIN_VARIANT when set)")
-    p.add_argument("--nvae-lr", type=float, help="NVAE AMP learning rate (default 1e-2, NVAE's own, without its warm-up)")
+    p.add_argument("--nvae-lr", type=float,
+                   help="NVAE AMP learning rate (default 1e-2, NVAE's own, without its warm-up)")
     p.add_argument("--nvae-steps", type=int, help="NVAE AMP steps per variant (default 300; --dry-run 6)")
     p.add_argument("--vdvae-steps", type=int, help="VDVAE timed steps per config (default 20; --dry-run 2)")
     p.add_argument("--threads", type=int, help="torch threads in each section (default: 1 on CPU, torch's on CUDA)")
@@ -255,7 +259,8 @@ def main(argv=None) -> int:
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[2]), env.get("PYTHONPATH")]))
     if device == "cpu":
         env.setdefault("OMP_NUM_THREADS", str(cfg["threads"] or 1))
-    report = {"schema": SCHEMA, "dry_run": args.dry_run, "device": device, "command": sys.argv[:1] + list(argv or sys.argv[1:]),
+    report = {"schema": SCHEMA, "dry_run": args.dry_run, "device": device,
+              "command": sys.argv[:1] + list(argv or sys.argv[1:]),
               "started": now(), "budget_s": budget.total_s, "finished": False, "work": str(work.resolve()),
               "config": cfg["sections"], "sections": {name: {"status": "pending"} for name in sections}}
     check = Check(out, work, report)

@@ -120,7 +120,8 @@ def check_run(out: Path, steps: int, device: str, warmup: int = 0) -> dict:
     problems += log.problems
     logged = [(e["step"], e["rank"]) for e in log.events]
     if logged != [(s, 0) for s in range(steps)]:
-        problems.append(f"events for {len(logged)} (step, rank) pairs, expected steps 0..{steps - 1} on rank 0 once each")
+        problems.append(f"events for {len(logged)} (step, rank) pairs, expected steps 0..{steps - 1} "
+                        "on rank 0 once each")
     counts = events.count(log)
     times = [e["time"] for e in log.events if e["step"] >= warmup]
     losses = [e["loss"] for e in log.events if e["loss"] is not None]

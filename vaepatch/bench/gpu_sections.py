@@ -91,8 +91,9 @@ def preflight(cfg: dict, ctx: Context) -> dict:
     elif ctx.device == "cuda":
         problems.append("no CUDA device visible, but --device cuda")
     if shutil.which("nvidia-smi"):
-        r["nvidia_smi"] = _run_text(["nvidia-smi", "--query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm,"
-                                     "power.limit,temperature.gpu,utilization.gpu", "--format=csv,noheader"], 30)
+        r["nvidia_smi"] = _run_text(["nvidia-smi", "--query-gpu=name,driver_version,memory.total,clocks.sm,"
+                                     "clocks.max.sm,power.limit,temperature.gpu,utilization.gpu",
+                                     "--format=csv,noheader"], 30)
     r["git"] = _run_text(["git", "--version"], 20) if shutil.which("git") else None
     if not r["git"]:
         problems.append("no git on PATH: the clones cannot be verified (vaepatch.apply and vaepatch run refuse)")
@@ -139,7 +140,8 @@ def vdvae_step_time(cfg: dict, ctx: Context) -> dict:
                 row = steptime.measure(variant, cfg["steps"], cfg["warmup"], fuse=fuse, device=ctx.device,
                                        size=cfg["size"], memory=True)
             except Exception as err:  # noqa: BLE001 - one config failing must not lose the others
-                row = {"variant": variant, "fuse": fuse, "error": _error(err), "traceback": traceback.format_exc()[-2000:]}
+                row = {"variant": variant, "fuse": fuse, "error": _error(err),
+                       "traceback": traceback.format_exc()[-2000:]}
         # e.g. "torch.compile of the fused block math failed ...": then the fused row timed the eager math
         row["warnings"] = sorted({str(w.message).splitlines()[0][:300] for w in caught if "vaepatch" in str(w.message)})
         took[fuse] = row["seconds"] = time.monotonic() - t0
@@ -211,7 +213,8 @@ def launcher(cfg: dict, ctx: Context) -> dict:
         "vdvae": lambda out, data: gpu_runs.vdvae_command(ctx.python, out, data, cfg["vdvae_variant"], steps,
                                                           gpu_runs.free_port(), ctx.cpu, cfg["vdvae_args"], mpiexec),
         "nvae": lambda out, data: gpu_runs.nvae_command(ctx.python, out, data, cfg["nvae_variant"], steps,
-                                                        gpu_runs.free_port(), ctx.cpu, cfg["nvae_args"], cfg["nvae_batch"]),
+                                                        gpu_runs.free_port(), ctx.cpu, cfg["nvae_args"],
+                                                        cfg["nvae_batch"]),
     }
     for name, command_for in jobs.items():
         if ctx.left() < 10:
@@ -264,7 +267,8 @@ def ou_cost(cfg: dict, ctx: Context) -> dict:
         try:
             result["rows"] += _ou_rows(kind, cfg["samples"], cfg["steps"], cfg["warmup"], ctx.device)
         except Exception as err:  # noqa: BLE001 - the other reference still runs
-            result["rows"].append({"reference": kind, "error": _error(err), "traceback": traceback.format_exc()[-2000:]})
+            result["rows"].append({"reference": kind, "error": _error(err),
+                                   "traceback": traceback.format_exc()[-2000:]})
         ctx.emit(result)
     result["ok"] = all(not r.get("error") for r in result["rows"])
     return result

@@ -31,8 +31,9 @@ PAPER = {
     ("float16", "pytorch"): (-8, 3.35e-04),
 }
 
-PARAMETERIZATIONS = ["naive_exp", "exp", "explin", "upbounded(1)", "downbounded", "bounded", "constant(1)", "softplus(1)",
-                     "softclamp", "softplus(log(2))", "bounded(0.01, 1)"]  # the last two: softplus-ln2, upbounded1-floor
+PARAMETERIZATIONS = ["naive_exp", "exp", "explin", "upbounded(1)", "downbounded", "bounded", "constant(1)",
+                     "softplus(1)", "softclamp",
+                     "softplus(log(2))", "bounded(0.01, 1)"]  # the last two: softplus-ln2, upbounded1-floor
 # downbounded and bounded use the paper's pixel bounds on 0..1: alpha = 1/(256 sqrt 12), omega = 1.
 
 
@@ -44,7 +45,8 @@ def _naive_kl(l1, dtype):
 
 def _pytorch_kl(l1, dtype):
     zero = torch.zeros((), dtype=dtype)
-    return kl_divergence(Normal(zero, torch.exp(l1), validate_args=False), Normal(zero, torch.ones((), dtype=dtype), validate_args=False))
+    return kl_divergence(Normal(zero, torch.exp(l1), validate_args=False),
+                         Normal(zero, torch.ones((), dtype=dtype), validate_args=False))
 
 
 def _vaepatch_kl(l1, dtype):
@@ -152,11 +154,13 @@ def _fmt_log(row):
 
 def table1(dtypes):
     rows = [smallest_finite_log_scale(impl, d) for d in dtypes for impl in IMPLEMENTATIONS]
-    lines = ["Table 1 - smallest log sigma1 / sigma1 with a finite KL(N(0,sigma1) || N(0,1)), measured here vs the paper",
+    lines = ["Table 1 - smallest log sigma1 / sigma1 with a finite KL(N(0,sigma1) || N(0,1)), "
+             "measured here vs the paper",
              f"{'dtype':9} {'implementation':15} {'measured (value)':28} {'grad finite to':16} {'paper':14}"]
     for r in rows:
         paper = PAPER.get((r["dtype"], r["implementation"]))
-        paper_txt = f"{paper[0]} / {paper[1]:.3g}" if paper else ("all finite" if r["implementation"] == "vaepatch" else "-")
+        paper_txt = (f"{paper[0]} / {paper[1]:.3g}" if paper
+                     else ("all finite" if r["implementation"] == "vaepatch" else "-"))
         grad_txt = "all" if r["finite_at_dtype_min"] is not None else str(r["smallest_log_sigma_grad"])
         lines.append(f"{r['dtype']:9} {r['implementation']:15} {_fmt_log(r):28} {grad_txt:16} {paper_txt:14}")
     return rows, lines
@@ -164,20 +168,23 @@ def table1(dtypes):
 
 def sweep_table(dtypes, points):
     rows = [sweep(p, d, points) for d in dtypes for p in PARAMETERIZATIONS]
-    lines = ["vaepatch KL over each parameterization's whole finite output range (4 KLs per p: q/p side, equal/shifted means)",
+    lines = ["vaepatch KL over each parameterization's whole finite output range "
+             "(4 KLs per p: q/p side, equal/shifted means)",
              f"{'dtype':9} {'scale':22} {'finite-output p range':24} {'KL nonfinite':14} {'grad nonfinite':14}"]
     for r in rows:
         lo_hi = r["finite_output_range"]
         rng = f"[{lo_hi[0]:.3g}, {lo_hi[1]:.3g}]" if lo_hi else "none"
         note = "  <- the failure mode, kept for comparison" if r["scale"] == "naive_exp" else ""
         lines.append(f"{r['dtype']:9} {r['scale']:22} {rng:24} "
-                     f"{r['kl_nonfinite']:>4} / {r['kl_checked']:<7} {r['grad_nonfinite']:>4} / {r['grad_checked']:<7}{note}")
+                     f"{r['kl_nonfinite']:>4} / {r['kl_checked']:<7} "
+                     f"{r['grad_nonfinite']:>4} / {r['grad_checked']:<7}{note}")
     return rows, lines
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="vaepatch bench numerics", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--dtypes", default="float32,float16,bfloat16", help="comma-separated subset of float32,float16,bfloat16")
+    parser.add_argument("--dtypes", default="float32,float16,bfloat16",
+                        help="comma-separated subset of float32,float16,bfloat16")
     parser.add_argument("--points", type=int, default=400, help="grid points per side of 0 in the range sweep")
     parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
     args = parser.parse_args(argv)

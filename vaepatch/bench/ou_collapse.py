@@ -103,7 +103,8 @@ def table_lines(rows: list, layers: int) -> list:
 
 def paper_lines(rows: list, steps: int, n_train: int) -> list:
     """Our rows beside the paper's Table 1 (40-40-40-40 models), with what differs."""
-    lines = [f"{'model':28} {'steps':>6} {'val ELBO':>9} {'val L_k':>9} {'KL':>6} {'top KL':>7}  active units z1-z2-z3-z4"]
+    lines = [f"{'model':28} {'steps':>6} {'val ELBO':>9} {'val L_k':>9} {'KL':>6} {'top KL':>7}  "
+             "active units z1-z2-z3-z4"]
     for r in rows:
         if "kl_per_layer" not in r:
             continue
@@ -111,7 +112,8 @@ def paper_lines(rows: list, steps: int, n_train: int) -> list:
         lines.append(f"{'ours ' + r['config']:28} {steps:>6} {r['elbo'][0]:9.1f} {r['iw_bound'][0]:9.1f} "
                      f"{sum(m for m, _ in r['kl_per_layer']):6.1f} {r['top_kl'][0]:7.3g}  {au}")
     for name, (elbo, kl, top, au) in paper_tables.TABLE1_40x4.items():
-        lines.append(f"{'paper ' + name:28} {'1M':>6} {'':>9} {elbo:9.1f} {kl:6.1f} {top:7.3g}  {'-'.join(map(str, au))}")
+        lines.append(f"{'paper ' + name:28} {'1M':>6} {'':>9} {elbo:9.1f} {kl:6.1f} {top:7.3g}  "
+                     f"{'-'.join(map(str, au))}")
     lines += [f"paper: Pervez & Gavves Table 1 ({paper_tables.TABLE1_PROTOCOL}); ours: {n_train} MNIST test-file "
               f"images, {steps} steps, validation ELBO and L_k on held-out images of the same file"]
     return lines
@@ -190,7 +192,8 @@ def plot(rows: list, layers: int, path: Path) -> None:
             axes[0, 1].bar(x + j * width, cm, width * 0.5, yerr=cs, color=c, hatch="//", edgecolor="k", capsize=2,
                            label=f"{r['config']} corrected")
     labels = [f"z{i + 1}" for i in range(layers)]
-    for ax, title, ylabel in zip(axes[0], ("KL per layer (validation)", "active units (wide: paper, hatched: corrected)"),
+    for ax, title, ylabel in zip(axes[0],
+                                 ("KL per layer (validation)", "active units (wide: paper, hatched: corrected)"),
                                  ("nats", "units")):
         ax.set_xticks(x + 0.4 - width / 2, labels)
         ax.set_title(title)
@@ -229,7 +232,8 @@ def main(argv=None) -> int:
     parser.add_argument("--k", type=int, help="importance samples of the L_k bound")
     parser.add_argument("--passes", type=int, help="stochastic passes per image for the corrected active units")
     parser.add_argument("--eval-every", type=int, help="measure KL, ELBO and active units every N steps")
-    parser.add_argument("--checkpoint-every", type=int, help="save each run's checkpoint every N steps (and at its end)")
+    parser.add_argument("--checkpoint-every", type=int,
+                        help="save each run's checkpoint every N steps (and at its end)")
     parser.add_argument("--resume", action="store_true", help="continue the runs checkpointed under --out")
     args = parser.parse_args(argv)
     fill_defaults(args, DEFAULTS, QUICK)

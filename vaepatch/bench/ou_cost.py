@@ -2,9 +2,10 @@
 
 Step time and memory of OU (rho 0.9, K copies) against the plain model, on the MLP hierarchy and,
 when their clones are present, on a tiny VDVAE and a tiny NVAE (NVAE's train.py step: KL
-balancing, spectral and batch-norm regularisation, Adamax; in a spawned interpreter). Times: configs interleaved step by step
-(the order rotated every round) on the same weights and batch, median of N steps after warm-up,
-so a change in the machine's load hits every config alike; the ratio is median / median of plain.
+balancing, spectral and batch-norm regularisation, Adamax; in a spawned interpreter). Times:
+configs interleaved step by step (the order rotated every round) on the same weights and batch,
+median of N steps after warm-up, so a change in the machine's load hits every config alike; the
+ratio is median / median of plain.
 
 FLOPs. MLP: counted analytically from the layer sizes: a Linear n_in -> n_out on B rows is B n_in
 n_out multiply-adds (2 FLOPs each) forward and twice that backward (input and weight gradients;
@@ -232,8 +233,8 @@ def measure_upstream(kind, samples_list, steps, warmup, rss_steps, threads) -> l
 def _measure_here(kind, samples_list, steps, warmup, threads) -> list:
     torch.set_num_threads(threads)
     with _upstream_on_cpu(kind):
-        return [dict(reference=REFERENCES[kind], config=_label(r["samples"]), samples=r["samples"], seconds=r["seconds"],
-                     flops=r["flops"], flops_counted=r["flops"], saved=r["saved"])
+        return [dict(reference=REFERENCES[kind], config=_label(r["samples"]), samples=r["samples"],
+                     seconds=r["seconds"], flops=r["flops"], flops_counted=r["flops"], saved=r["saved"])
                 for r in measure_configs(kind, samples_list, steps, warmup)]
 
 
@@ -338,7 +339,8 @@ def main(argv=None) -> int:
     parser.add_argument("--warmup", type=int, help="untimed rounds first")
     parser.add_argument("--samples", help="comma-separated K values to compare with plain")
     parser.add_argument("--rss-steps", type=int, help="steps per fresh subprocess for the peak-RSS growth (0: skip)")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1: steadier on a shared machine)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (default 1: steadier on a shared machine)")
     parser.add_argument("--vdvae", choices=["auto", "off"], default="auto",
                         help="also measure a tiny openai/vdvae when a clone is found (auto)")
     parser.add_argument("--nvae", choices=["auto", "off"], default="auto",

@@ -118,7 +118,8 @@ def main(argv=None) -> int:
         mine = [run for run in runs if run["rho"] == r and run["finite"]]
         kls = [run["top_kl"] for run in mine]
         rows.append(dict(rho=r, top_kl=kls, top_kl_mean=float(np.mean(kls)) if kls else float("nan"),
-                         top_kl_min=float(min(kls, default=float("nan"))), top_kl_max=float(max(kls, default=float("nan"))),
+                         top_kl_min=float(min(kls, default=float("nan"))),
+                         top_kl_max=float(max(kls, default=float("nan"))),
                          kl_per_layer_mean=np.mean([run["kl_per_layer"] for run in mine], 0).tolist() if mine else [],
                          elbo_mean=float(np.mean([run["elbo"] for run in mine])) if mine else float("nan"),
                          runs=sum(run["rho"] == r for run in runs)))
@@ -126,8 +127,8 @@ def main(argv=None) -> int:
     title = (f"top-layer KL vs rho: MLP {'-'.join(map(str, latents))}, {args.steps} steps, K={args.samples}, "
              f"{args.seeds} seed(s)")
     layers = "/".join(f"z{i + 1}" for i in range(len(latents)))
-    lines = [title, "", f"{'rho':>6} {'top KL mean':>12} {'min':>9} {'max':>9} {'val ELBO':>9}  {'mean KL ' + layers:28}  "
-                        "top KL per seed"]
+    lines = [title, "", f"{'rho':>6} {'top KL mean':>12} {'min':>9} {'max':>9} {'val ELBO':>9}  "
+                        f"{'mean KL ' + layers:28}  top KL per seed"]
     for row in rows:
         lines.append(f"{row['rho']:6.3f} {row['top_kl_mean']:12.3g} {row['top_kl_min']:9.3g} {row['top_kl_max']:9.3g} "
                      f"{row['elbo_mean']:9.2f}  {'/'.join(f'{v:.2f}' for v in row['kl_per_layer_mean']):28}  "

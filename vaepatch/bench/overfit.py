@@ -94,7 +94,8 @@ def table(results: list[dict], markdown: bool = False) -> str:
                       f"| {CORNER} | " + " | ".join(decoders) + " |", "|---" * (len(decoders) + 1) + "|"]
             lines += [f"| {e} | " + " | ".join(c) + " |" for e, c in cells.items()]
         else:
-            lines += [f"lr {lr:g}   failed/runs (paper failed/10)", f"{CORNER:20}" + "".join(f"{d:>14}" for d in decoders)]
+            lines += [f"lr {lr:g}   failed/runs (paper failed/10)",
+                      f"{CORNER:20}" + "".join(f"{d:>14}" for d in decoders)]
             lines += [f"{e:20}" + "".join(f"{v:>14}" for v in c) for e, c in cells.items()]
         lines.append("")
     return "\n".join(lines).rstrip("\n")
@@ -198,10 +199,12 @@ def main(argv=None) -> int:
     header = (f"Conv VAE overfitting {N_IMAGES} natural 32x32 crops on 0..255 (batch {args.batch} drawn with "
               f"replacement), Adam, {steps} steps, seeds {args.seed}..{args.seed + seeds - 1}; a run fails on a "
               f"NaN/inf loss or gradient, or a final loss > {DIVERGED:g}. bounded = {DECODERS['bounded']}.")
-    paper = PAPER_NOTE + "\nprotocol differences:\n" + "\n".join(f"- {d}" for d in differences(steps, args.batch, seeds))
+    paper = (PAPER_NOTE + "\nprotocol differences:\n"
+             + "\n".join(f"- {d}" for d in differences(steps, args.batch, seeds)))
     text = table(results)
     print(f"\n{header}\n\n{text}\n\n{paper}\n\nfailed runs:\n{failures(results)}\n\n"
-          f"final loss (nats/image, mean of the last {FINAL_STEPS} steps) of the runs that did not fail:\n{converged(results)}")
+          f"final loss (nats/image, mean of the last {FINAL_STEPS} steps) of the runs that did not fail:\n"
+          f"{converged(results)}")
     if steps < 300:
         print(f"\nnote: the divergence threshold assumes 300 steps; in {steps}, runs whose decoder scale starts at 1 "
               "on 0..255 (naive_exp, exp: loss ~3e7 at step 0) have not come under it yet")
@@ -209,11 +212,13 @@ def main(argv=None) -> int:
           f"on one torch thread")
 
     (out / "overfit.md").write_text(f"{header}\n\n{table(results, markdown=True)}\n\n{paper}\n")
-    settings = {"steps": steps, "batch": args.batch, "images": N_IMAGES, "seeds": list(range(args.seed, args.seed + seeds)),
+    settings = {"steps": steps, "batch": args.batch, "images": N_IMAGES,
+                "seeds": list(range(args.seed, args.seed + seeds)),
                 "lrs": lrs, "encoders": {e: scales.get(ENCODERS.get(e, e)).spec for e in encoders},
                 "decoders": {d: scales.get(DECODERS.get(d, d)).spec for d in decoders},
                 "diverged_above": DIVERGED, "wall_seconds": wall, "seconds_per_step": per_step}
-    (out / "overfit.json").write_text(json.dumps({"settings": settings, "runs": results}, indent=1, allow_nan=False) + "\n")
+    (out / "overfit.json").write_text(json.dumps({"settings": settings, "runs": results}, indent=1, allow_nan=False)
+                                      + "\n")
     plot(results, out / "overfit.png")
     print(f"table: {out / 'overfit.md'}, per run: {out / 'overfit.json'}, figure: {out / 'overfit.png'}")
     return 0

@@ -161,7 +161,8 @@ class _Searches:
         return None
 
 
-def run_grid(target: str, out: Path, policies, names, lrs, seeds, steps: int, stall_steps: int, *, start=None, jobs: int = 2,
+def run_grid(target: str, out: Path, policies, names, lrs, seeds, steps: int, stall_steps: int, *, start=None,
+             jobs: int = 2,
              extra=(), upstream=None, every_cell: bool = False, launch=_one) -> dict:
     """Run what is not finished yet, ``jobs`` runs at a time, the searches' runs in priority order (the
     variants as given, each under every policy: the first search's next run always goes first); returns
@@ -217,14 +218,16 @@ def _parse(argv):
     parser.add_argument("--quick", action="store_true", help="smoke size (under 2 minutes); explicit flags still win")
     parser.add_argument("--lrs", help="LO:HI:N log-spaced, or a comma-separated list")
     parser.add_argument("--start", type=float, help="the rate each search starts at (the grid's nearest)")
-    parser.add_argument("--every-cell", action="store_true", help="run every cell of the grid, not only the deciding ones")
+    parser.add_argument("--every-cell", action="store_true",
+                        help="run every cell of the grid, not only the deciding ones")
     parser.add_argument("--skip", choices=("upstream", "off", "both"),
                         help="the upstream's skip rule: its own (upstream), turned off, or both side by side "
                              "(VDVAE default both; NVAE has none: upstream)")
     parser.add_argument("--variants", help="comma-separated built-in names, ';' between inline specs with commas")
     parser.add_argument("--seeds", help="comma-separated seeds")
     parser.add_argument("--steps", type=int, help="steps per run")
-    parser.add_argument("--stall-steps", type=int, help="a run whose last STALL_STEPS steps had no update is stalled (stopped, failed)")
+    parser.add_argument("--stall-steps", type=int,
+                        help="a run whose last STALL_STEPS steps had no update is stalled (stopped, failed)")
     parser.add_argument("--jobs", type=int, default=2, help="runs at once, one thread each")
     parser.add_argument("--upstream", help="the clone (default: $VAEPATCH_<TARGET>, then third_party/<target>)")
     parser.add_argument("--report-only", action="store_true", help="only read OUT/runs and write the tables")
@@ -285,7 +288,8 @@ def write(out: Path, args, policies, names, lrs, seeds, extra, cells, seconds) -
     lines += ["", "## What broke at each variant's first failing rate", ""] + report.broke_lines(results, cells)
     out.mkdir(parents=True, exist_ok=True)
     meta = dict(target=args.target, skip=policies, lrs=lrs, variants=names, seeds=seeds, steps=args.steps,
-                stall_steps=args.stall_steps, start=args.start, every_cell=args.every_cell, extra=extra, wall_seconds=seconds,
+                stall_steps=args.stall_steps, start=args.start, every_cell=args.every_cell, extra=extra,
+                wall_seconds=seconds,
                 verdict=dict(end_fraction=verdict.END_FRACTION, spike_factor=verdict.SPIKE_FACTOR,
                              spike_window=verdict.SPIKE_WINDOW))
     record = {"meta": meta, "margins": results,

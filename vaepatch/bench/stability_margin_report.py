@@ -55,7 +55,8 @@ def cell_summary(runs: list) -> dict:
             "failed": sum(not r["passed"] for r in runs) - not_run,
             "failures": verdicts, "end_nelbo": _stat([r["end_nelbo"] for r in runs if r["passed"]]),
             "spikes": {"runs_with_spikes": len(spiky), "count": sum(s["count"] for s in spiky),
-                       "max_ratio": worst["max_ratio"] if worst else None, "max_step": worst["max_step"] if worst else None},
+                       "max_ratio": worst["max_ratio"] if worst else None,
+                       "max_step": worst["max_step"] if worst else None},
             "grad_skips": sum(r["grad_skips"] for r in runs), "amp_skips": sum(r["amp_skips"] for r in runs),
             "nonfinite_loss_steps": sum(r["nonfinite_loss_steps"] for r in runs)}
 
@@ -99,7 +100,8 @@ def _cell_text(summary: dict) -> str:
     else:
         why = ", ".join(f"{k} {v}" for k, v in sorted(summary["failures"].items()))
         ran = summary["n_runs"] - summary["not_run"]
-        text = f"**{summary['failed']}/{ran} failed** ({why})" + (f", {summary['not_run']} not run" if summary["not_run"] else "")
+        text = f"**{summary['failed']}/{ran} failed** ({why})"
+        text += f", {summary['not_run']} not run" if summary["not_run"] else ""
         if summary["end_nelbo"]["n"]:
             text += f" · {_loss(summary['end_nelbo'], summary['n_runs'])}"
     if summary["spikes"]["runs_with_spikes"]:
@@ -128,7 +130,8 @@ def _margin_cells(m: dict, summaries: dict, name: str) -> list:
 def margin_lines(results: dict, summaries: dict, names: list) -> list:
     """Margins side by side, one group of columns per skip policy: margin, × vanilla, end NELBO there."""
     policies = list(results)
-    header = ["variant"] + [h + f" (skip {p})" for p in policies for h in ("margin", "× vanilla", "end NELBO at margin")]
+    columns = ("margin", "× vanilla", "end NELBO at margin")
+    header = ["variant"] + [h + f" (skip {p})" for p in policies for h in columns]
     rows = [[f"`{n}`"] + [c for p in policies for c in _margin_cells(results[p][n], summaries[p], n)] for n in names]
     return markdown.table(header, rows)
 

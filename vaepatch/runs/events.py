@@ -239,7 +239,8 @@ class Counts:
     longest_skip_streak: int = 0
     longest_recovered_streak: int = 0  # the longest streak that an update ended: how long a run came back from
     stalled_since: int | None = None  # first step of the final streak when it is >= stall_steps
-    nonfinite_origins: dict = field(default_factory=dict)  # "kl non-finite at block 3 (8x8): prior sigma underflow" -> steps
+    # "kl non-finite at block 3 (8x8): prior sigma underflow" -> steps
+    nonfinite_origins: dict = field(default_factory=dict)
     first_failure: str | None = None  # the first non-finite or skipped step, in one line
 
 
@@ -278,7 +279,8 @@ def count(events, stall_steps: int = STALL_STEPS) -> Counts:
     nan = {s for s, r in reasons.items() if "nan" in r}
     last = max(reasons)
     last_losses = [e["loss"] for e in events if e["step"] == last and e["finite"] and e["loss"] is not None]
-    trailing, longest, start, recovered = _streaks({s: any(e["skipped"] or not e["finite"] for e in es) for s, es in by_step.items()})
+    trailing, longest, start, recovered = _streaks({s: any(e["skipped"] or not e["finite"] for e in es)
+                                                    for s, es in by_step.items()})
     origins: dict[str, int] = {}
     first_failure = None
     for step in sorted(by_step):

@@ -36,7 +36,8 @@ def find_clone(name: str, path, strict: bool, repo: str) -> Path:
     """The verified clone of ``name`` (``path``, ``$VAEPATCH_<NAME>`` or the default place)."""
     location = upstream.locate(name, path)
     if location is None:
-        raise LaunchError(f"no {repo} clone at {upstream.default_dest(name)} and ${upstream.pin(name).env} is not set.\n"
+        raise LaunchError(f"no {repo} clone at {upstream.default_dest(name)} and "
+                          f"${upstream.pin(name).env} is not set.\n"
                           f"run: vaepatch fetch {name}   (or pass --upstream PATH)")
     return upstream.verify(location, name, allow_dirty=not strict)
 

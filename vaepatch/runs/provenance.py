@@ -184,5 +184,6 @@ def gradient_top(named_parameters, k: int = 3, depth: int = 4) -> list:
     values = torch.stack([squares[n] for n in names]).tolist()
     total = sum(v for v in values if math.isfinite(v))
     ranked = sorted(zip(names, values), key=lambda nv: (math.isfinite(nv[1]), -nv[1] if math.isfinite(nv[1]) else 0))
-    return [[n, _num(math.sqrt(v)) if math.isfinite(v) else None, _num(v / total) if total and math.isfinite(v) else None]
+    return [[n, _num(math.sqrt(v)) if math.isfinite(v) else None,
+             _num(v / total) if total and math.isfinite(v) else None]
             for n, v in ranked[:k]]

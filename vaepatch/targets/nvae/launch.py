@@ -103,7 +103,8 @@ class _Process:
             utils = self.train.utils
             patches = [Patch(self.train, "train", self.recorder.train(self.train.train)),
                        Patch(self.train, "GradScaler", recording_scaler(self.train.GradScaler, self.recorder)),
-                       Patch(utils, "reconstruction_loss", self.recorder.reconstruction_loss(utils.reconstruction_loss))]
+                       Patch(utils, "reconstruction_loss",
+                             self.recorder.reconstruction_loss(utils.reconstruction_loss))]
             if setup.master_port is not None:
                 patches.append(_master_port_patch(setup.master_port))
             self.hooks = PatchSet(patches, label="vaepatch NVAE step recorder").apply()

@@ -272,14 +272,16 @@ def _install_namespace_load() -> Callable[[], None]:
 
 
 SHIMS = (
-    Shim("tensorboardx-stub", "utils.py: from tensorboardX import SummaryWriter (module level; the stand-in writes nothing)",
+    Shim("tensorboardx-stub", "utils.py: from tensorboardX import SummaryWriter "
+         "(module level; the stand-in writes nothing)",
          lambda cpu: not importable("tensorboardX"), _install_tensorboardx),
     Shim("lmdb-stub", "lmdb_datasets.py: import lmdb (module level; used by the celeba/imagenet/ffhq/lsun loaders)",
          lambda cpu: not importable("lmdb"), _install_lmdb),
     Shim("torchvision-stub-nvae", "datasets.py: class StackedMNIST(dset.MNIST), thirdparty/lsun.py: "
-         "class LSUNClass(VisionDataset), fid/inception.py: class FIDInceptionA(torchvision.models.inception.InceptionA) "
-         "(torchvision classes subclassed at import time); datasets.py cifar10: CIFAR10, Compose, RandomHorizontalFlip, "
-         "ToTensor work (CIFAR-10's python batches read from --data, never downloaded)",
+         "class LSUNClass(VisionDataset), fid/inception.py: "
+         "class FIDInceptionA(torchvision.models.inception.InceptionA) "
+         "(torchvision classes subclassed at import time); datasets.py cifar10: CIFAR10, Compose, "
+         "RandomHorizontalFlip, ToTensor work (CIFAR-10's python batches read from --data, never downloaded)",
          lambda cpu: not importable("torchvision"), _install_torchvision_nvae),
     Shim("numpy-sum-generator", "utils.count_parameters_in_M (called by train.py): np.sum of a generator "
          "(deprecated since numpy 1.15, a TypeError now)", lambda cpu: _sum_rejects_generators(), _install_sum),
@@ -287,7 +289,8 @@ SHIMS = (
          "argparse.Namespace (torch >= 2.6 loads weights only by default: UnpicklingError); Namespace allowed",
          lambda cpu: _load_rejects_namespace(), _install_namespace_load),
     Shim("cpu-cuda-calls", "Tensor.cuda()/Module.cuda() in model.py (sample, spectral_norm_parallel), distributions.py "
-         "(DiscMixLogistic.sample), utils.py (kl_balancer_coeff, one_hot), neural_ar_operations.py (ARConv2d mask), train.py",
+         "(DiscMixLogistic.sample), utils.py (kl_balancer_coeff, one_hot), neural_ar_operations.py (ARConv2d mask), "
+         "train.py",
          on_cpu, install_cuda_calls),
     Shim("cpu-sync-batchnorm", "thirdparty/inplaced_sync_batchnorm.py SyncBatchNormSwish.forward: "
          "'SyncBatchNorm expected input tensor to be on GPU'; neural_operations.SyncBatchNorm (nn.SyncBatchNorm) "

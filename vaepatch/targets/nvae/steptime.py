@@ -97,16 +97,20 @@ def main(argv=None) -> int:
     from vaepatch.upstream import UpstreamError
 
     parser = argparse.ArgumentParser(prog="vaepatch bench nvae-step-time", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--variants", default="upbounded1,explin,upbounded1-cst1", help="comma-separated variants to time against vanilla")
-    parser.add_argument("--steps", type=int, default=None, help=f"timed rounds per variant (default {STEPS}; --quick: {QUICK_STEPS})")
-    parser.add_argument("--warmup", type=int, default=None, help=f"untimed rounds first (default {WARMUP}; --quick: {QUICK_WARMUP})")
+    parser.add_argument("--variants", default="upbounded1,explin,upbounded1-cst1",
+                        help="comma-separated variants to time against vanilla")
+    parser.add_argument("--steps", type=int, default=None,
+                        help=f"timed rounds per variant (default {STEPS}; --quick: {QUICK_STEPS})")
+    parser.add_argument("--warmup", type=int, default=None,
+                        help=f"untimed rounds first (default {WARMUP}; --quick: {QUICK_WARMUP})")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--num-mixture-dec", type=int, default=TINY_ARGS["num_mixture_dec"],
                         help="NVAE's --num_mixture_dec: 10 (its default) = discretized logistic mixture, "
                              "left alone by the patch; 1 = Normal pixel decoder, patched")
     parser.add_argument("--observers", action="store_true",
                         help="instead: vanilla with the launcher's provenance hooks over vanilla without")
-    parser.add_argument("--quick", action="store_true", help=f"{QUICK_STEPS} steps after {QUICK_WARMUP} warm-up (a smoke test)")
+    parser.add_argument("--quick", action="store_true",
+                        help=f"{QUICK_STEPS} steps after {QUICK_WARMUP} warm-up (a smoke test)")
     args = parser.parse_args(argv)
     steps = args.steps if args.steps is not None else (QUICK_STEPS if args.quick else STEPS)
     warmup = args.warmup if args.warmup is not None else (QUICK_WARMUP if args.quick else WARMUP)

@@ -16,7 +16,8 @@ import torch
 
 from vaepatch import cifar_format
 
-__all__ = ["TINY_ARGS", "ARCH", "BATCH", "ADAMAX", "SKIP_POLICIES", "nvae_on_cpu", "tiny_args", "tiny_nvae", "batch", "train_step"]
+__all__ = ["TINY_ARGS", "ARCH", "BATCH", "ADAMAX", "SKIP_POLICIES", "nvae_on_cpu", "tiny_args", "tiny_nvae", "batch",
+           "train_step"]
 
 # NVAE's own argument names (train.py), made small; with the CIFAR-10 flags of its README
 # (--use_se --res_dist --num_nf 1 --weight_decay_norm 1e-2).
@@ -109,7 +110,8 @@ def train_step(model, optimizer, x, alpha_i, global_step):
 # NVAE's smallest model through its own train.py: 4 channels, 2 scales x 2 groups of 2 latents, one
 # cell per block, squeeze-excitation, NVAE's default pixels (10 discretized logistics), batch 8.
 TRAIN_BATCH = 8
-TRAIN_ARGS = ["--dataset", "cifar10", "--batch_size", str(TRAIN_BATCH), "--num_channels_enc", "4", "--num_channels_dec", "4",
+TRAIN_ARGS = ["--dataset", "cifar10", "--batch_size", str(TRAIN_BATCH), "--num_channels_enc", "4",
+              "--num_channels_dec", "4",
               "--num_latent_scales", "2", "--num_groups_per_scale", "2", "--num_latent_per_group", "2",
               "--num_preprocess_blocks", "1", "--num_preprocess_cells", "1", "--num_postprocess_blocks", "1",
               "--num_postprocess_cells", "1", "--use_se"]

@@ -30,8 +30,8 @@ from vaepatch.targets.vdvae.patch import UPSTREAM_SCALE
 from vaepatch.targets.vdvae.recorder import StepRecorder
 from vaepatch.targets.vdvae.shims import install as install_shims
 
-__all__ = ["LaunchError", "StopAtMaxSteps", "check_vdvae_args", "run_vdvae", "StepRecorder", "load_script", "add_arguments",
-           "run_from_args", "LOSS_UNIT"]
+__all__ = ["LaunchError", "StopAtMaxSteps", "check_vdvae_args", "run_vdvae", "StepRecorder", "load_script",
+           "add_arguments", "run_from_args", "LOSS_UNIT"]
 
 LOSS_UNIT = "nats/dim"  # VDVAE's elbo is per pixel channel; report.py turns it into bits/dim
 
@@ -52,7 +52,8 @@ def check_vdvae_args(train_args: list[str]):
             "Example: vaepatch run vdvae --variant upbounded1 --out runs/a -- --hps cifar10 --data_root DATA")
     unknown = [s for s in given.hparam_sets.split(",") if s and s not in hps.HPARAMS_REGISTRY]
     if unknown:
-        raise LaunchError(f"unknown VDVAE hyperparameter set(s) {', '.join(unknown)} in --hps; known: {', '.join(known)}")
+        raise LaunchError(f"unknown VDVAE hyperparameter set(s) {', '.join(unknown)} in --hps; "
+                          f"known: {', '.join(known)}")
     H = hps.Hyperparams()
     hps.parse_args_and_update_hparams(H, parser, s=train_args)
     if H.warmup_iters == 0:
@@ -105,7 +106,8 @@ def run_vdvae(variant: str, out: str | os.PathLike, train_args: list[str], *, up
                             stop_when_stalled=stop_when_stalled, on_stall=on_stall,
                             stop_at_nonfinite=stop_at_nonfinite)
     writer = recorder.open(out / "events.jsonl", rank)
-    manifest = previous or run_manifest.new("vdvae", variant, resolved.spec, upstream_commit=upstream.pin("vdvae").commit,
+    manifest = previous or run_manifest.new("vdvae", variant, resolved.spec,
+                                            upstream_commit=upstream.pin("vdvae").commit,
                                             seed=H.seed, argv=train_args, loss_unit=LOSS_UNIT)
     if writer.resumed_from is not None and not H.restore_path:
         writer.close()
@@ -177,7 +179,8 @@ DATASET_FILES = {  # what VDVAE's data.py opens under --data_root, per --dataset
 }
 DATASET_SOURCES = {"cifar10": f"{cifar_format.CIFAR_SOURCE} (VDVAE's setup_cifar10.sh fetches the same), or "
                               "for a smoke run `vaepatch make-data DIR`",
-                   "imagenet32": "VDVAE's setup_imagenet.sh imagenet32", "imagenet64": "VDVAE's setup_imagenet.sh imagenet64",
+                   "imagenet32": "VDVAE's setup_imagenet.sh imagenet32",
+                   "imagenet64": "VDVAE's setup_imagenet.sh imagenet64",
                    "ffhq_256": "VDVAE's setup_ffhq256.sh", "ffhq_1024": "VDVAE's setup_ffhq1024.sh"}
 
 

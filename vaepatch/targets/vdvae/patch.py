@@ -150,8 +150,10 @@ def build(variant, modules, fuse=False):
     return ou_patches + [
         Patch(vae.DecBlock, "sample", sample, fp("vae.DecBlock", "sample")),
         Patch(vae.DecBlock, "sample_uncond", sample_uncond, fp("vae.DecBlock", "sample_uncond")),
-        Patch(vae_helpers, "gaussian_analytical_kl", gaussian_analytical_kl, fp("vae_helpers", "gaussian_analytical_kl")),
-        Patch(vae_helpers, "draw_gaussian_diag_samples", draw_gaussian_diag_samples, fp("vae_helpers", "draw_gaussian_diag_samples")),
+        Patch(vae_helpers, "gaussian_analytical_kl", gaussian_analytical_kl,
+              fp("vae_helpers", "gaussian_analytical_kl")),
+        Patch(vae_helpers, "draw_gaussian_diag_samples", draw_gaussian_diag_samples,
+              fp("vae_helpers", "draw_gaussian_diag_samples")),
         # vae.py imported both by value: its own names must be replaced too (fingerprinted above).
         Patch(vae, "gaussian_analytical_kl", gaussian_analytical_kl),
         Patch(vae, "draw_gaussian_diag_samples", draw_gaussian_diag_samples),

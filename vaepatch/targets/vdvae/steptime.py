@@ -105,7 +105,8 @@ def measure(variant="upbounded1", steps=30, warmup=5, threads=None, seed=0, fuse
     rows = []
     for mode in modes:
         name = names[mode]
-        row_extra = {"memory": {"vanilla": extra["memory"]["vanilla"], "patched": extra["memory"][name]}} if memory else {}
+        row_extra = ({"memory": {"vanilla": extra["memory"]["vanilla"], "patched": extra["memory"][name]}}
+                     if memory else {})
         rows.append(timing.row(variant, {"vanilla": medians["vanilla"], "patched": medians[name]}, steps,
                                ratios=timing.ratio(times, name), fuse=mode, device=str(device), size=size,
                                batch=H.n_batch, **row_extra))
@@ -152,7 +153,8 @@ def measure_observers(steps=30, warmup=5, threads=None, seed=0):
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="vaepatch bench vdvae-step-time", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--variants", default="upbounded1,explin,upbounded1-cst1", help="comma-separated variants to time against vanilla")
+    parser.add_argument("--variants", default="upbounded1,explin,upbounded1-cst1",
+                        help="comma-separated variants to time against vanilla")
     parser.add_argument("--steps", type=int, default=30, help="timed rounds (each: one step of every model)")
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
@@ -163,7 +165,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.observers:
         row = measure_observers(args.steps, args.warmup, args.threads)
-        print(timing.table([row], args.steps, args.warmup).replace("vanilla ms", "  plain ms").replace("patched ms", "hooked ms"))
+        print(timing.table([row], args.steps, args.warmup).replace("vanilla ms", "  plain ms")
+              .replace("patched ms", "hooked ms"))
         return 0
     modes = {"off": [False], "on": [True], "both": [False, True]}[args.fuse]
     rows = [row for v in split_list(args.variants)

@@ -11,8 +11,8 @@ import torch
 
 from vaepatch import cifar_format
 
-__all__ = ["ONE_BLOCK_PER_RESOLUTION", "TRAIN_ARGS", "SKIP_POLICIES", "TINY", "cifar10_hparams", "tiny_hparams", "tiny_vae",
-           "cifar10_vae", "batch"]
+__all__ = ["ONE_BLOCK_PER_RESOLUTION", "TRAIN_ARGS", "SKIP_POLICIES", "TINY", "cifar10_hparams", "tiny_hparams",
+           "tiny_vae", "cifar10_vae", "batch"]
 
 ONE_BLOCK_PER_RESOLUTION = dict(
     dec_blocks="1x1,4m1,8m4,16m8,32m16",
