@@ -153,6 +153,12 @@ def test_no_module_is_long():
     assert not long, f"modules over {MAX_LINES} lines (split them by concern): {long}"
 
 
+def test_no_line_over_120_characters():
+    wide = [f"{m}:{i}" for m, p in MODULES.items() for i, line in enumerate(p.read_text().splitlines(), 1)
+            if len(line) > 120]
+    assert not wide, f"lines over 120 characters (wrap them): {wide}"
+
+
 def test_every_pin_has_a_target_folder_that_keeps_the_protocol():
     from vaepatch import targets, upstream
     from vaepatch.runs import logs
