@@ -283,7 +283,8 @@ def write(out: Path, args, policies, names, lrs, seeds, extra, cells, seconds) -
     lines = [f"# {title}", "", "Margins (largest rate that trains below the first that does not):", ""]
     lines += report.margin_lines(results, summaries, names)
     for p in policies:
-        lines += ["", f"## Skip rule {p}: every cell (pass = every seed ended trained; end NELBO of the passing runs, "
+        policy = f"Skip rule {p}: every cell" if len(policies) > 1 else "Every cell"
+        lines += ["", f"## {policy} (pass = every seed ended trained; end NELBO of the passing runs, "
                       "mean ± std over seeds)", ""] + report.grid_lines(summaries[p], lrs, names)
     lines += ["", "## What broke at each variant's first failing rate", ""] + report.broke_lines(results, cells)
     out.mkdir(parents=True, exist_ok=True)

@@ -131,7 +131,7 @@ def margin_lines(results: dict, summaries: dict, names: list) -> list:
     """Margins side by side, one group of columns per skip policy: margin, × vanilla, end NELBO there."""
     policies = list(results)
     columns = ("margin", "× vanilla", "end NELBO at margin")
-    header = ["variant"] + [h + f" (skip {p})" for p in policies for h in columns]
+    header = ["variant"] + [h + (f" (skip {p})" if len(policies) > 1 else "") for p in policies for h in columns]
     rows = [[f"`{n}`"] + [c for p in policies for c in _margin_cells(results[p][n], summaries[p], n)] for n in names]
     return markdown.table(header, rows)
 
@@ -153,7 +153,8 @@ def broke_lines(results: dict, cells: dict) -> list:
         for name, r in result.items():
             if r["first_failing"] is None:
                 continue
-            lines.append(f"- `{name}`, skip {policy}, lr {fmt_lr(r['first_failing'])}:")
+            skip = f", skip {policy}" if len(results) > 1 else ""
+            lines.append(f"- `{name}`{skip}, lr {fmt_lr(r['first_failing'])}:")
             for run in cells[policy][(name, r["first_failing"])]:
                 spike = run["spikes"]
                 extra = (f"; {spike['count']} spike(s), largest {spike['max_ratio']:.3g}× at step {spike['max_step']}"
@@ -193,7 +194,7 @@ def plot(summaries: dict, lrs: list, names: list, path: Path, title: str) -> Non
         ax.set_xticks(range(len(lrs)), [fmt_lr(lr) for lr in lrs])
         ax.set_yticks(range(len(names)), names)
         ax.set_xlabel("learning rate")
-        ax.set_title(f"skip rule: {policy}", fontsize=10)
+        ax.set_title(f"skip rule: {policy}" if len(policies) > 1 else "", fontsize=10)
     fig.suptitle(textwrap.fill(title, 110), fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
