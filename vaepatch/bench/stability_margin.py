@@ -143,8 +143,16 @@ class _Searches:
                 for d in (_run_dir(self.out, p, n, lr, s) for s in self.seeds)]
         return report.cell_state(runs)
 
+    def _vanilla_margin(self, p, busy):
+        """Vanilla's margin under policy ``p`` once its search has settled it, else None."""
+        states = {("vanilla", lr): self._state(p, "vanilla", lr, busy) for lr in self.lrs}
+        result = report.margins(states, self.lrs, ["vanilla"])["vanilla"]
+        return result["margin"] if result["settled"] else None
+
     def next_run(self, busy: set):
-        """``(policy, variant, lr, seed)`` of the next run to start, or None (nothing startable now)."""
+        """``(policy, variant, lr, seed)`` of the next run to start, or None (nothing startable now).
+        Each variant also runs at vanilla's margin (once vanilla's is settled): the end NELBO of the
+        same rate, beside the one its own margin buys."""
         for p, n in self.searches:
             started = [lr for lr in self.lrs if any(_finished(d) or d in busy for d in
                                                     (_run_dir(self.out, p, n, lr, s) for s in self.seeds))]
@@ -153,6 +161,8 @@ class _Searches:
             else:
                 rate = next_rate({lr: self._state(p, n, lr, busy) for lr in started}, self.lrs, self.start)
                 cells = started + ([rate] if rate is not None and rate not in started else [])
+                same = self._vanilla_margin(p, busy) if n != "vanilla" else None
+                cells += [same] if same is not None and same not in cells else []
             for lr in cells:
                 for s in self.seeds:
                     d = _run_dir(self.out, p, n, lr, s)
