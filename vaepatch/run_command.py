@@ -23,7 +23,9 @@ def parser():
         prog="vaepatch run",
         description="Run an upstream training script with a variant applied; every step goes to OUT/events.jsonl. "
                     "VDVAE under MPI: mpiexec -n N vaepatch run vdvae ...; NVAE starts its own processes "
-                    "(--num_process_per_node N after `--`).")
+                    "(--num_process_per_node N after `--`). VDVAE without its skip rule (an update whose "
+                    "gradient norm exceeds --skip_threshold, 400 for cifar10, is skipped): pass "
+                    "`-- ... --skip_threshold -1` (a step with a NaN loss is still never applied).")
     p.add_argument("target", choices=list(targets.NAMES), help="which upstream")
     p.add_argument("--variant", required=True, help="built-in name (vaepatch variants), TOML path or inline spec")
     p.add_argument("--out", required=True, help="run directory: run.json and events.jsonl go here")
