@@ -155,7 +155,7 @@ def _fmt_log(row):
 def table1(dtypes):
     rows = [smallest_finite_log_scale(impl, d) for d in dtypes for impl in IMPLEMENTATIONS]
     lines = ["Table 1 - smallest log sigma1 / sigma1 with a finite KL(N(0,sigma1) || N(0,1)), "
-             "measured here vs the paper",
+             "measured, beside the paper",
              f"{'dtype':9} {'implementation':15} {'measured (value)':28} {'grad finite to':16} {'paper':14}"]
     for r in rows:
         paper = PAPER.get((r["dtype"], r["implementation"]))
