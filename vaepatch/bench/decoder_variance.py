@@ -51,7 +51,7 @@ import torch
 from vaepatch import scales
 from vaepatch.bench import decoder_variance_report as report
 from vaepatch.bench import fill_defaults, paper_tables
-from vaepatch.mnist import ENV, load_mnist
+from vaepatch.mnist import ENV, MNIST_SOURCE, load_mnist
 from vaepatch.variant import split_list
 from vaepatch.mnist import resolve as resolve_data
 from vaepatch.models.mnist_vae import GLOBAL, LATENT, MUS, PIXELS, VAE, scale_spec
@@ -201,7 +201,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="vaepatch bench decoder-variance", description=__doc__.split("\n\n")[1],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog=f"defaults: {DEFAULTS}; --quick: {QUICK}")
-    parser.add_argument("--data", help=f"MNIST .npz (key 'data') or IDX images; default ${ENV}")
+    parser.add_argument("--data", help=f"MNIST images: an .npz with key 'data', or the IDX file from {MNIST_SOURCE} "
+                                       f"(default ${ENV}; never downloaded)")
     parser.add_argument("--out", default="vaepatch-decoder-variance", help="output folder (json, md, png)")
     parser.add_argument("--quick", action="store_true", help="smoke size; explicit flags still win")
     parser.add_argument("--mu", help="comma-separated subset of sigmoid,identity")

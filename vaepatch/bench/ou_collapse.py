@@ -28,6 +28,7 @@ import torch
 
 from vaepatch.bench import fill_defaults, paper_tables
 from vaepatch.bench.mlp_jobs import ENV, add_training_args, load_data, run_jobs
+from vaepatch.mnist import MNIST_SOURCE
 from vaepatch.models.mlp_hierarchy import ACTIVE_THRESHOLD
 from vaepatch.models.mlp_training import CheckpointMismatch
 from vaepatch.variant import Variant
@@ -222,7 +223,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="vaepatch bench ou-collapse", description=__doc__.split("\n\n")[1],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog=f"defaults: {DEFAULTS}; --quick: {QUICK}")
-    parser.add_argument("--data", help=f"MNIST .npz with key 'data', or IDX images (default ${ENV})")
+    parser.add_argument("--data", help=f"MNIST images: an .npz with key 'data', or the IDX file from {MNIST_SOURCE} "
+                                       f"(default ${ENV}; never downloaded)")
     parser.add_argument("--out", default="vaepatch-ou-collapse", help="output folder (json, md, png)")
     parser.add_argument("--quick", action="store_true", help="smoke size; explicit flags still win")
     parser.add_argument("--steps", type=int, help="training steps per run")

@@ -22,6 +22,7 @@ import numpy as np
 
 from vaepatch.bench import fill_defaults
 from vaepatch.bench.mlp_jobs import ENV, add_training_args, load_data, run_jobs
+from vaepatch.mnist import MNIST_SOURCE
 from vaepatch.variant import Variant
 
 __all__ = ["critical_rho", "main"]
@@ -76,7 +77,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="vaepatch bench phase", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog=__doc__.split("\n\n", 1)[1] + f"\ndefaults: {DEFAULTS}; --quick: {QUICK}")
-    parser.add_argument("--data", help=f"MNIST .npz with key 'data', or IDX images (default ${ENV})")
+    parser.add_argument("--data", help=f"MNIST images: an .npz with key 'data', or the IDX file from {MNIST_SOURCE} "
+                                       f"(default ${ENV}; never downloaded)")
     parser.add_argument("--out", default="vaepatch-ou-phase", help="output folder (json, png)")
     parser.add_argument("--quick", action="store_true", help="smoke size; explicit flags still win")
     parser.add_argument("--rhos", help="comma-separated grid of rho (1 = plain model)")
