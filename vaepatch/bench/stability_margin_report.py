@@ -129,7 +129,8 @@ def _at(summaries: dict, name: str, lr) -> str:
 def _margin_cells(m: dict, summaries: dict, name: str, vanilla_margin) -> list:
     margin = m["margin"]
     if margin is None:
-        text = "none" if m["settled"] else "not known yet"
+        text = "none" if m["settled"] else (f"< {fmt_lr(m['first_failing'])} (rate below not run)"
+                                             if m["first_failing"] is not None else "not known yet")
     else:
         text = fmt_lr(margin) + ("" if m["settled"] else " (≥; rate above not run)")
     ratio = f"×{m['ratio']:.3g}" if m["ratio"] else "—"
