@@ -172,8 +172,7 @@ class _Searches:
 
 
 def run_grid(target: str, out: Path, policies, names, lrs, seeds, steps: int, stall_steps: int, *, start=None,
-             jobs: int = 2,
-             extra=(), upstream=None, every_cell: bool = False, launch=_one) -> dict:
+             jobs: int = 2, extra=(), upstream=None, every_cell: bool = False, launch=_one) -> dict:
     """Run what is not finished yet, ``jobs`` runs at a time, the searches' runs in priority order (the
     variants as given, each under every policy: the first search's next run always goes first); returns
     :func:`collect`'s cells."""
@@ -184,13 +183,13 @@ def run_grid(target: str, out: Path, policies, names, lrs, seeds, steps: int, st
     tiny = importlib.import_module(f"vaepatch.targets.{target}.tiny")  # make_data, run_args, SKIP_POLICIES
     data = tiny.make_data(out / "data", steps)
     searches = _Searches(out, policies, names, lrs, seeds, steps, start, every_cell)
-    running: dict = {}  # future -> (run dir, its stdout)
+    running: dict = {}  # future -> the run's folder
     codes = []
     bar = tqdm(desc=f"stability margin ({target}): runs", unit="run", file=sys.stderr)
     with ThreadPoolExecutor(max(1, jobs)) as pool:
         while True:
             while len(running) < max(1, jobs):
-                job = searches.next_run({d for d, _ in running.values()})
+                job = searches.next_run(set(running.values()))
                 if job is None:
                     break
                 p, n, lr, s = job
@@ -199,14 +198,13 @@ def run_grid(target: str, out: Path, policies, names, lrs, seeds, steps: int, st
                     shutil.rmtree(run_dir)
                 run_dir.mkdir(parents=True)
                 command = _command(target, tiny, run_dir, data, p, n, lr, s, steps, stall_steps, extra, upstream)
-                running[pool.submit(launch, (command, run_dir / "stdout.txt"))] = (run_dir, run_dir / "stdout.txt")
+                running[pool.submit(launch, (command, run_dir / "stdout.txt"))] = run_dir
                 bar.set_postfix_str(f"last started: skip {p}, {n}, lr {report.fmt_lr(lr)}, seed {s}")
             if not running:
                 break
             done, _ = wait(running, return_when=FIRST_COMPLETED)
             for future in done:
-                run_dir, log = running.pop(future)
-                codes.append((future.result(), log))
+                codes.append((future.result(), running.pop(future) / "stdout.txt"))
                 bar.update(1)
             if len(codes) >= 2 * max(1, jobs) and all(code != 0 for code, _ in codes):
                 tail = Path(codes[0][1]).read_text()[-2000:] if Path(codes[0][1]).exists() else ""
