@@ -33,6 +33,14 @@ def test_margin_is_the_largest_passing_rate_below_the_first_failing_one():
     assert result["c"]["margin"] is None and result["c"]["ratio"] is None and result["c"]["settled"]
 
 
+def test_a_margin_at_the_grids_top_reads_as_a_lower_bound():
+    result = report.margins(_states({"vanilla": [True, True, False, False], "a": [True, True, True, True]}),
+                            LRS, ["vanilla", "a"])
+    not_run = {(name, lr): {"state": None} for name in ("vanilla", "a") for lr in LRS}
+    assert report._margin_cells(result["a"], not_run, "a", 0.003)[0] == "≥ 0.03 (the grid's top)"
+    assert report._margin_cells(result["vanilla"], not_run, "vanilla", 0.003)[0] == "0.003"
+
+
 def test_cells_not_run_are_unknown_never_failures():
     """A grid read before it finished: a rate not run yet neither fails nor ends the margin as a failure."""
     result = report.margins(_states({"vanilla": [True, None, None, None], "d": [None, True, None, False],

@@ -132,7 +132,12 @@ def _margin_cells(m: dict, summaries: dict, name: str, vanilla_margin) -> list:
         text = "none" if m["settled"] else (f"< {fmt_lr(m['first_failing'])} (rate below not run)"
                                              if m["first_failing"] is not None else "not known yet")
     else:
-        text = fmt_lr(margin) + ("" if m["settled"] else " (≥; rate above not run)")
+        if not m["settled"]:
+            text = fmt_lr(margin) + " (≥; rate above not run)"
+        elif m["first_failing"] is None:  # passed at the grid's top: the margin lies beyond it
+            text = f"≥ {fmt_lr(margin)} (the grid's top)"
+        else:
+            text = fmt_lr(margin)
     ratio = f"×{m['ratio']:.3g}" if m["ratio"] else "—"
     return [text, ratio, _at(summaries, name, margin), _at(summaries, name, vanilla_margin)]
 
