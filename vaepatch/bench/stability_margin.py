@@ -153,6 +153,7 @@ class _Searches:
         """``(policy, variant, lr, seed)`` of the next run to start, or None (nothing startable now).
         Each variant also runs at vanilla's margin (once vanilla's is settled): the end NELBO of the
         same rate, beside the one its own margin buys."""
+        vanilla_margin = {}  # per policy, read from disk once per call
         for p, n in self.searches:
             started = [lr for lr in self.lrs if any(_finished(d) or d in busy for d in
                                                     (_run_dir(self.out, p, n, lr, s) for s in self.seeds))]
@@ -161,7 +162,9 @@ class _Searches:
             else:
                 rate = next_rate({lr: self._state(p, n, lr, busy) for lr in started}, self.lrs, self.start)
                 cells = started + ([rate] if rate is not None and rate not in started else [])
-                same = self._vanilla_margin(p, busy) if n != "vanilla" else None
+                if n != "vanilla" and p not in vanilla_margin:
+                    vanilla_margin[p] = self._vanilla_margin(p, busy)
+                same = vanilla_margin.get(p) if n != "vanilla" else None
                 cells += [same] if same is not None and same not in cells else []
             for lr in cells:
                 for s in self.seeds:

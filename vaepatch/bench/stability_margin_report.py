@@ -128,16 +128,17 @@ def _at(summaries: dict, name: str, lr) -> str:
 
 def _margin_cells(m: dict, summaries: dict, name: str, vanilla_margin) -> list:
     margin = m["margin"]
-    if margin is None:
-        text = "none" if m["settled"] else (f"< {fmt_lr(m['first_failing'])} (rate below not run)"
-                                             if m["first_failing"] is not None else "not known yet")
+    if margin is None and m["settled"]:
+        text = "none"
+    elif margin is None:
+        text = (f"< {fmt_lr(m['first_failing'])} (rate below not run)" if m["first_failing"] is not None
+                else "not known yet")
+    elif not m["settled"]:
+        text = fmt_lr(margin) + " (≥; rate above not run)"
+    elif m["first_failing"] is None:  # passed at the grid's top: the margin lies beyond it
+        text = f"≥ {fmt_lr(margin)} (the grid's top)"
     else:
-        if not m["settled"]:
-            text = fmt_lr(margin) + " (≥; rate above not run)"
-        elif m["first_failing"] is None:  # passed at the grid's top: the margin lies beyond it
-            text = f"≥ {fmt_lr(margin)} (the grid's top)"
-        else:
-            text = fmt_lr(margin)
+        text = fmt_lr(margin)
     ratio = f"×{m['ratio']:.3g}" if m["ratio"] else "—"
     return [text, ratio, _at(summaries, name, margin), _at(summaries, name, vanilla_margin)]
 
