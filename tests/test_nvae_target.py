@@ -210,7 +210,7 @@ def _loss(model, seed=3):
 
 # ----------------------------------------------------------------- the tests
 
-@pytest.mark.parametrize("name", TABLE4 + ["posterior=explin,prior=upbounded(1)"])
+@pytest.mark.parametrize("name", TABLE4 + ["posterior=explin,prior=upbounded(1)", "qfloor-cst1", "qfloor-floor"])
 def test_kl_log_q_log_p_match_float64_reference(plain_model, name):
     vaepatch.apply(name, target="nvae")
     rec = _check_against_reference(plain_model, name)
