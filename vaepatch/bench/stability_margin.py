@@ -48,7 +48,7 @@ VARIANTS = ("vanilla,qfloor-cst1,upbounded1-cst1,qfloor-floor,upbounded1-floor,u
             "softplus-ln2")
 DEFAULTS = {"vdvae": dict(lrs="0.005:0.16:6", start=0.02, seeds="0,1,2", steps=1000, stall_steps=100, variants=VARIANTS,
                           skip="both"),
-            "nvae": dict(lrs="0.0316,0.1,0.316,1,3.16,10", start=0.316, seeds="0,1,2", steps=1000, stall_steps=100,
+            "nvae": dict(lrs="0.0316,0.1,0.316,1,1.3,3.16,10", start=0.316, seeds="0,1,2", steps=1000, stall_steps=100,
                          variants="vanilla,qfloor-cst1,qfloor-floor,upbounded1-cst1,upbounded1-floor,upbounded1,"
                                   "softplus-ln2", skip="upstream")}
 QUICK = dict(lrs="0.001:0.1:2", start=0.001, seeds="0", steps=4, stall_steps=3, variants="vanilla,upbounded1")
