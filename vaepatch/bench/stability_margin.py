@@ -162,10 +162,11 @@ class _Searches:
             else:
                 rate = next_rate({lr: self._state(p, n, lr, busy) for lr in started}, self.lrs, self.start)
                 cells = started + ([rate] if rate is not None and rate not in started else [])
-                if n != "vanilla" and p not in vanilla_margin:
-                    vanilla_margin[p] = self._vanilla_margin(p, busy)
-                same = vanilla_margin.get(p) if n != "vanilla" else None
-                cells += [same] if same is not None and same not in cells else []
+                if n != "vanilla":
+                    if p not in vanilla_margin:
+                        vanilla_margin[p] = self._vanilla_margin(p, busy)
+                    same = vanilla_margin[p]
+                    cells += [same] if same is not None and same not in cells else []
             for lr in cells:
                 for s in self.seeds:
                     d = _run_dir(self.out, p, n, lr, s)
