@@ -56,15 +56,35 @@ def test_quick_run_prints_a_ratio_row_per_variant():
                     "--variants", ",".join(variants)], require_nvae())
     assert proc.returncode == 0, proc.stdout + proc.stderr
     lines = proc.stdout.splitlines()
-    assert lines[0].split()[:4] == ["variant", "vanilla", "ms", "patched"], proc.stdout
+    assert lines[0].split()[:5] == ["variant", "fused", "vanilla", "ms", "patched"], proc.stdout
     assert "(median of 2 interleaved rounds after 1 warm-up, 1 threads; per-round ratios" in lines[0]
     rows = {line.split()[0]: line.split()[1:] for line in lines[1:1 + len(variants)]}
     assert list(rows) == variants, proc.stdout
-    for cells in rows.values():
+    for fused, *cells in rows.values():
+        assert fused == "no"  # eager unless --fuse
         vanilla_ms, patched_ms, ratio, q1, q3 = (float(c.strip("[],")) for c in cells)
         assert all(math.isfinite(v) and v > 0 for v in (vanilla_ms, patched_ms, ratio))
         assert q1 - 1e-3 <= ratio <= q3 + 1e-3  # the median of the per-round ratios, within their quartiles
     assert "num_mixture_dec 10" in proc.stdout and "patched - vanilla" in proc.stdout
+
+
+FUSED = """
+import json
+from vaepatch.targets.nvae.steptime import measure
+print(json.dumps([row["losses"] for row in measure("upbounded1", steps=2, warmup=1, threads=1, fuse=[False, True])]))
+"""
+
+
+def test_fused_rows_time_the_compiled_patch_against_the_same_vanilla():
+    """``fuse=[False, True]``: one row each, timed in the same rounds against one vanilla model; the fused
+    model is really patched (its loss differs from vanilla's) and computes the eager numbers."""
+    proc = _python(["-c", FUSED], require_nvae())
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "torch.compile of the fused block math failed" not in proc.stderr
+    eager, fused = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert eager["vanilla"] == fused["vanilla"] and len(fused["patched"]) == 3
+    assert fused["patched"][0] != fused["vanilla"][0]
+    assert fused["patched"] == pytest.approx(eager["patched"], rel=1e-5)
 
 
 def test_unknown_variant_is_a_clear_error_before_anything_runs(capsys, monkeypatch):

@@ -2,7 +2,7 @@
 import torch
 
 from vaepatch import gaussian, scales
-from vaepatch.targets.vdvae.patch import fused
+from vaepatch.compiled import fused
 
 
 def _draw_and_kl(qm, qv, pm, pv, eps):

@@ -63,6 +63,7 @@ def test_every_step_logged_matches_nvae_own_epoch_loss(tmp_path, data):
     assert (manifest["target"], manifest["status"], manifest["loss_unit"]) == ("nvae", "completed", "nats/image")
     assert manifest["world_size"] == 1 and manifest["upstream_logdir"] == str(out / "nvae" / "eval-t")
     assert "cpu-sync-batchnorm" in [s["name"] for s in manifest["compat"]]
+    assert manifest["fuse"] is False and manifest["fuse_reason"] == "vanilla: nothing is patched"
     # compare reads NVAE's own validation NELBO, and converts it to bits/dim with NVAE's own factor
     text = (out / "nvae" / "eval-t" / "log.txt").read_text()
     final = float(re.search(r"final valid nelbo (\S+)", text).group(1))
@@ -107,6 +108,24 @@ def test_the_variant_reaches_every_process_nvae_starts(tmp_path, data):
     vanilla, patched, again = runs.values()
     assert patched == again  # same seed, same variant: the same run
     assert all(patched[key] != vanilla[key] for key in vanilla)  # each process ran the patched model
+
+
+def test_fuse_reaches_nvae_and_keeps_the_eager_losses(tmp_path, data):
+    """``--fuse`` compiles the patched per-group math in the process NVAE trains in (run.json and the
+    printed line say so); the losses are the eager run's. On CPU the default is eager."""
+    losses = {}
+    for launcher in ([], ["--fuse"]):
+        out = tmp_path / ("fused" if launcher else "eager")
+        result = _run(out, data, variant="upbounded1", launcher=["--max-steps", "3", *launcher])
+        assert result.returncode == 0, result.stderr[-3000:]
+        manifest = _manifest(out)
+        assert manifest["fuse"] is bool(launcher)
+        why = "fused (torch.compile), as asked (--fuse)" if launcher else "eager (on CPU"
+        assert why in manifest["fuse_reason"] and f"vaepatch: per-group math {why}" in result.stdout
+        assert "torch.compile of the fused block math failed" not in result.stderr
+        losses[out.name] = [e["loss"] for e in events.read(out).events]
+    assert len(losses["fused"]) == 3
+    assert losses["fused"] == pytest.approx(losses["eager"], rel=1e-5)
 
 
 def test_an_ou_variant_trains_in_every_process(tmp_path, data):

@@ -39,6 +39,9 @@ def parser():
                    help="stop cleanly after the first step whose loss was non-finite "
                         "(for sweeps: a failed run costs little)")
     p.add_argument("--no-strict", action="store_true", help="patch a clone that differs from the pin (warns)")
+    p.add_argument("--fuse", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the patched per-group math (default: yes on a GPU where torch.compile works, "
+                        "no on CPU; run.json says which ran)")
     own = {}
     for name in targets.NAMES:
         group = p.add_argument_group(f"{name} only")

@@ -12,7 +12,7 @@ import time
 
 import torch
 
-__all__ = ["rounds", "interleaved", "ratio", "toggle", "timed", "synced", "row", "table"]
+__all__ = ["rounds", "interleaved", "ratio", "switch", "timed", "synced", "row", "table"]
 
 
 def rounds(steps_by_name: dict, steps: int, warmup: int, desc: str, before=None) -> dict:
@@ -20,7 +20,7 @@ def rounds(steps_by_name: dict, steps: int, warmup: int, desc: str, before=None)
 
     ``steps_by_name``: ``{name: fn(i)}``; ``fn`` returns the seconds it timed itself, or None to
     be timed here around the call. ``before(name)`` runs untimed before each step (e.g. to switch
-    a patch on or off: :func:`toggle`).
+    a patch on or off: :func:`switch`).
     """
     from tqdm import tqdm
 
@@ -51,10 +51,14 @@ def ratio(times: dict, name: str, base: str = "vanilla") -> dict:
     return {"median": median, "q1": q1, "q3": q3, "rounds": len(ratios)}
 
 
-def toggle(patchset, vanilla: str = "vanilla"):
-    """A ``before`` hook: ``patchset`` reverted for the step named ``vanilla``, applied for every other."""
+def switch(patchsets: dict):
+    """A ``before`` hook: only the named step's patch set applied (``patchsets``: name -> PatchSet;
+    a name without one, e.g. "vanilla", runs with none)."""
     def before(name):
-        patchset.revert() if name == vanilla else patchset.apply()
+        for patchset in patchsets.values():
+            patchset.revert()
+        if name in patchsets:
+            patchsets[name].apply()
     return before
 
 

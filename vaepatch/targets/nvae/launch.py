@@ -31,8 +31,8 @@ from vaepatch.api import apply
 from vaepatch.patching import Patch, PatchSet
 from vaepatch.runs import events
 from vaepatch.runs import manifest as run_manifest
-from vaepatch.runs.prerun import (check_max_steps, destroy_process_group, find_clone, require_device,
-                                  resolve_variant, shim_record, stalled_since)
+from vaepatch.runs.prerun import (check_max_steps, choose_fuse, destroy_process_group, find_clone,
+                                  require_device, resolve_variant, shim_record, stalled_since)
 from vaepatch.runs.manifest import LaunchError
 from vaepatch.runs.events import STALL_STEPS
 from vaepatch.runs.recorder import StopRun
@@ -67,6 +67,7 @@ class Setup:
     stop_when_stalled: bool = False
     provenance: bool = True
     stop_at_nonfinite: bool = False
+    fuse: bool = False
 
 
 def _master_port_patch(port: int) -> Patch:
@@ -98,7 +99,7 @@ class _Process:
         self.shims = install_shims(setup.cpu)
         self.handle = self.hooks = None
         try:
-            self.handle = apply(setup.variant, target="nvae", upstream=location, strict=setup.strict)
+            self.handle = apply(setup.variant, target="nvae", upstream=location, strict=setup.strict, fuse=setup.fuse)
             self.train, self.guard = load_script(location / "train.py")
             utils = self.train.utils
             patches = [Patch(self.train, "train", self.recorder.train(self.train.train)),
@@ -175,9 +176,9 @@ def run_nvae(variant: str, out: str | os.PathLike, train_args: list[str], *, ups
              cpu: bool = False, max_steps: int | None = None, strict: bool = True,
              skip_nonfinite: bool = False, master_port: int | None = None, stall_steps: int = STALL_STEPS,
              stop_when_stalled: bool = False, provenance: bool = True,
-             stop_at_nonfinite: bool = False) -> dict:
+             stop_at_nonfinite: bool = False, fuse: bool | None = None) -> dict:
     """Run NVlabs/NVAE's train.py with ``variant``; returns the final run.json contents (``stalled_since``:
-    see ``vaepatch.runs.recorder``)."""
+    see ``vaepatch.runs.recorder``). ``fuse``: as ``vaepatch run vdvae``'s (``choose_fuse``)."""
     resolved = resolve_variant(variant)
     check_max_steps(max_steps)
     location = find_clone("nvae", upstream_path, strict, "NVlabs/NVAE")
@@ -185,8 +186,10 @@ def run_nvae(variant: str, out: str | os.PathLike, train_args: list[str], *, ups
     out = Path(out).resolve()
     manifest_path = out / "run.json"
     previous = run_manifest.previous(out, resolved.spec)
+    fuse, fuse_reason = choose_fuse(fuse, cpu, resolved)
+    print(f"vaepatch: per-group math {fuse_reason}", flush=True)
     setup = Setup(resolved, str(out), str(location), cpu, strict, max_steps, skip_nonfinite, master_port,
-                  stall_steps, stop_when_stalled, provenance, stop_at_nonfinite)
+                  stall_steps, stop_when_stalled, provenance, stop_at_nonfinite, fuse)
     manifest = previous or run_manifest.new("nvae", variant, resolved.spec, upstream_commit=upstream.pin("nvae").commit,
                                             seed=None, argv=train_args, loss_unit=LOSS_UNIT)
     session = {"started": run_manifest.now(), "argv": list(train_args)}
@@ -201,7 +204,7 @@ def run_nvae(variant: str, out: str | os.PathLike, train_args: list[str], *, ups
         manifest.update(
             seed=args.seed, world_size=args.num_proc_node * args.num_process_per_node,
             dims_per_image=int(process.train.utils.num_output(args.dataset)),
-            device="cpu" if cpu else "cuda", compat=shim_record(process.shims),
+            device="cpu" if cpu else "cuda", fuse=fuse, fuse_reason=fuse_reason, compat=shim_record(process.shims),
             max_steps=max_steps, skip_nonfinite=skip_nonfinite, stall_steps=stall_steps,
             stop_when_stalled=stop_when_stalled, stop_at_nonfinite=stop_at_nonfinite,
             master_port=master_port if master_port is not None else UPSTREAM_MASTER_PORT,
@@ -283,4 +286,4 @@ def run_from_args(args, train_args: list) -> dict:
     return run_nvae(args.variant, args.out, train_args, upstream_path=args.upstream, cpu=args.cpu,
                     max_steps=args.max_steps, strict=not args.no_strict, skip_nonfinite=args.skip_nonfinite,
                     master_port=args.master_port, stall_steps=stop or STALL_STEPS, stop_when_stalled=stop is not None,
-                    stop_at_nonfinite=getattr(args, "stop_at_nonfinite", False))
+                    stop_at_nonfinite=getattr(args, "stop_at_nonfinite", False), fuse=args.fuse)

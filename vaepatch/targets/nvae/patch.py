@@ -45,6 +45,9 @@ reads its raw scale through the posterior parameterization. The discretized-logi
 decoders (``DiscLogistic``, ``DiscMixLogistic``) are left alone, and so are ``Normal.sample``
 and ``sample_given_eps`` (they only read ``self.mu`` / ``self.sigma``).
 
+``fuse=True`` compiles (``vaepatch.compiled.fused``) each head's mapping to log sigma, the KL and
+the log density: on a GPU a few fused kernels per group instead of one launch per elementwise pass.
+
 With ``ou`` set (Pervez & Gavves), each training forward also records the decoder's path with
 hooks and gives every prior Normal but the top one its OU-smoothed mean and scale
 (``vaepatch.targets.nvae.ou``); ``Normal.sample`` is then wrapped only to record the posterior
@@ -62,6 +65,7 @@ import weakref
 import torch
 
 from vaepatch import gaussian, scales
+from vaepatch.compiled import fused
 from vaepatch.patching import Patch, PatchError
 from vaepatch.targets.nvae import ou as nvae_ou
 
@@ -85,19 +89,29 @@ _hooks_lock = threading.Lock()
 _hooked: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # head module -> [hook handle, users]
 
 
-def _head_hook(scale):
-    """Forward hook: (mean, raw scale) head output -> (mean, exact log sigma) under ``scale``."""
+def _head_map(scale, fuse):
+    """(mean, raw scale) head output -> (mean, exact log sigma) under ``scale``; compiled with ``fuse``."""
 
-    def hook(module, inputs, output):
+    def head_map(output):
         mean, raw = torch.chunk(output, 2, dim=1)
         return torch.cat([mean, scale(raw)[1]], dim=1)
+
+    return fused(head_map) if fuse else head_map
+
+
+def _head_hook(head_map):
+    """Forward hook replacing a head's output by ``head_map`` of it."""
+
+    def hook(module, inputs, output):
+        return head_map(output)
 
     return hook
 
 
 @contextlib.contextmanager
 def _mapped_heads(model, posterior, prior):
-    """Within the block: ``model``'s posterior and prior heads output exact log sigmas.
+    """Within the block: ``model``'s posterior and prior heads output exact log sigmas (``posterior``,
+    ``prior``: :func:`_head_map` of each side's scale).
 
     Hooks are registered on the heads of this one model for the duration only (a nested or
     concurrent call on the same model shares them), and removed on exit.
@@ -105,10 +119,10 @@ def _mapped_heads(model, posterior, prior):
     heads = [(head, posterior) for head in getattr(model, "enc_sampler", ())]
     heads += [(head, prior) for head in getattr(model, "dec_sampler", ())]
     with _hooks_lock:
-        for head, scale in heads:
+        for head, head_map in heads:
             entry = _hooked.get(head)
             if entry is None:
-                _hooked[head] = [head.register_forward_hook(_head_hook(scale)), 1]
+                _hooked[head] = [head.register_forward_hook(_head_hook(head_map)), 1]
             else:
                 entry[1] += 1
     _state.depth = getattr(_state, "depth", 0) + 1
@@ -158,12 +172,12 @@ def build(variant, modules, fuse=False):
     """The patches for ``variant`` on the imported upstream ``modules`` (dict name -> module)."""
     distributions, model = modules["distributions"], modules["model"]
     smoothing = variant.ou if variant.ou is not None and variant.ou.rho < 1 else None
-    if fuse:
-        warnings.warn("fuse=True is not implemented for the NVAE target (its per-group math is a few "
-                      "elementwise ops); running eagerly", stacklevel=3)
     posterior = variant.posterior or UPSTREAM_SCALE
     prior = variant.prior or UPSTREAM_SCALE
     decoder = variant.decoder or UPSTREAM_SCALE
+    heads = (_head_map(posterior, fuse), _head_map(prior, fuse))  # fuse: each head's mapping compiled
+    kl_math = fused(gaussian.kl) if fuse else gaussian.kl  # and the KL and log density
+    log_prob_math = fused(gaussian.log_prob) if fuse else gaussian.log_prob
 
     original_decoder_init = distributions.NormalDecoder.__dict__["__init__"]
     original_forward = model.AutoEncoder.__dict__["forward"]
@@ -200,11 +214,11 @@ def build(variant, modules, fuse=False):
 
     def log_p(self, samples):
         """log N(samples; mu, sigma) from the exact log sigma (replaces Normal.log_p)."""
-        return gaussian.log_prob(samples, self.mu, self.log_sigma)
+        return log_prob_math(samples, self.mu, self.log_sigma)
 
     def kl(self, normal_dist):
         """KL(self || normal_dist), the stable form on log sigmas (replaces Normal.kl)."""
-        return gaussian.kl(self.mu, self.log_sigma, normal_dist.mu, _log_sigma(normal_dist))
+        return kl_math(self.mu, self.log_sigma, normal_dist.mu, _log_sigma(normal_dist))
 
     def normal_decoder_init(self, *args, **kwargs):
         """Upstream's NormalDecoder.__init__, its Normal's scale from the variant's decoder scale."""
@@ -229,12 +243,12 @@ def build(variant, modules, fuse=False):
                           "pixels are not a Normal (a discretized logistic mixture, or Bernoulli for binary "
                           "data; NormalDecoder needs --num_mixture_dec 1): the decoder scale is unused",
                           stacklevel=2)
-        with _mapped_heads(self, posterior, prior), ou_smoothing(self):
+        with _mapped_heads(self, *heads), ou_smoothing(self):
             return original_forward(self, *args, **kwargs)
 
     def sample(self, *args, **kwargs):
         """Upstream's AutoEncoder.sample with the prior heads mapped; temperature multiplies sigma."""
-        with _mapped_heads(self, posterior, prior):
+        with _mapped_heads(self, *heads):
             return original_sample(self, *args, **kwargs)
 
     fp = lambda owner, attr: FINGERPRINTS[(owner, attr)]  # noqa: E731

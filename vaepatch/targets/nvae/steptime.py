@@ -37,35 +37,42 @@ from vaepatch.targets.nvae.tiny import ADAMAX, ARCH, BATCH, TINY_ARGS, batch, nv
 STEPS, WARMUP = 50, 5
 QUICK_STEPS, QUICK_WARMUP = 2, 1
 
-def measure(variant="upbounded1", steps=STEPS, warmup=WARMUP, threads=None, seed=0, observers=False, **overrides):
-    """Median step seconds for vanilla and ``variant``, interleaved, and their ratio.
+def measure(variant="upbounded1", steps=STEPS, warmup=WARMUP, threads=None, seed=0, observers=False, fuse=False,
+            **overrides):
+    """Median step seconds for vanilla and ``variant``, interleaved, and their ratio (the median of
+    per-round ratios, with quartiles). ``fuse``: False, True, or a list of both (then one row each, all
+    timed in the same rounds against the same vanilla).
 
-    Also ``losses``: each model's loss at every round (warm-up included). Round i of both models
+    Also ``losses`` per row: each model's loss at every round (warm-up included). Round i of every model
     starts from the same weights (round 0) and the same batch, and draws the same noise.
     ``observers=True``: the "patched" model instead carries the launcher's provenance hooks
     (``provenance.watch``; use with variant "vanilla" to time the hooks alone).
     """
     import vaepatch
 
+    modes = list(fuse) if isinstance(fuse, (list, tuple)) else [bool(fuse)]
+    names = {mode: "fused" if mode else "eager" for mode in modes}
     if threads:
         torch.set_num_threads(threads)
     with nvae_on_cpu():
         vaepatch.revert("nvae")
-        # apply verifies and imports the clone; built once, toggled per step
-        patchset = vaepatch.apply(variant, target="nvae", fuse=False).patchset
-        patchset.revert()
+        patchsets = {}  # apply verifies and imports the clone; built once per mode, switched per step
+        for mode in modes:
+            patchsets[names[mode]] = vaepatch.apply(variant, target="nvae", fuse=mode).patchset
+            vaepatch.revert("nvae")
         import utils
 
-        model = tiny_nvae(seed, **overrides)
-        twin = tiny_nvae(seed, **overrides)  # same seed + load_state_dict, not deepcopy
-        twin.load_state_dict(model.state_dict())
+        models = {"vanilla": tiny_nvae(seed, **overrides)}
+        for name in names.values():  # same seed + load_state_dict, not deepcopy
+            models[name] = tiny_nvae(seed, **overrides)
+            models[name].load_state_dict(models["vanilla"].state_dict())
         if observers:
             from vaepatch.targets.nvae.patch import UPSTREAM_SCALE
             from vaepatch.targets.nvae.provenance import watch
 
-            group_watch, _ = watch(twin, UPSTREAM_SCALE, UPSTREAM_SCALE,
+            observed = models[names[modes[0]]]
+            group_watch, _ = watch(observed, UPSTREAM_SCALE, UPSTREAM_SCALE,
                                    on_kl=lambda kl_all: sum(kl.detach().float().mean() for kl in kl_all))
-        models = {"vanilla": model, "patched": twin}
         x = batch(BATCH, seed)
         losses = {name: [] for name in models}
 
@@ -75,8 +82,8 @@ def measure(variant="upbounded1", steps=STEPS, warmup=WARMUP, threads=None, seed
                                               fun="square")
 
             def step(i):
-                torch.manual_seed(seed * 1_000_003 + i)  # round i: the same noise for both models
-                if observers and m is twin:
+                torch.manual_seed(seed * 1_000_003 + i)  # round i: the same noise for every model
+                if observers and m is observed:
                     group_watch.reset()
                 dt, loss = train_step(m, optimizer, x, alpha_i, i)
                 losses[name].append(loss)
@@ -84,12 +91,22 @@ def measure(variant="upbounded1", steps=STEPS, warmup=WARMUP, threads=None, seed
 
             return step
 
-        times = timing.rounds({name: step_fn(name, m) for name, m in models.items()}, steps, warmup,
-                              desc=f"NVAE vanilla vs {variant}", before=timing.toggle(patchset))
-    med = {name: statistics.median(ts) for name, ts in times.items()}
-    result = timing.row(variant, med, steps, ratios=timing.ratio(times, "patched"))
-    result["losses"] = losses
-    return result
+        try:
+            times = timing.rounds({name: step_fn(name, m) for name, m in models.items()}, steps, warmup,
+                                  desc=f"NVAE vanilla vs {variant} ({', '.join(names.values())})",
+                                  before=timing.switch(patchsets))
+        finally:
+            for patchset in patchsets.values():
+                patchset.revert()
+    medians = {name: statistics.median(ts) for name, ts in times.items()}
+    rows = []
+    for mode in modes:
+        name = names[mode]
+        row = timing.row(variant, {"vanilla": medians["vanilla"], "patched": medians[name]}, steps,
+                         ratios=timing.ratio(times, name), fuse=mode)
+        row["losses"] = {"vanilla": losses["vanilla"], "patched": losses[name]}
+        rows.append(row)
+    return rows if isinstance(fuse, (list, tuple)) else rows[0]
 
 
 def main(argv=None) -> int:
@@ -107,6 +124,8 @@ def main(argv=None) -> int:
     parser.add_argument("--num-mixture-dec", type=int, default=TINY_ARGS["num_mixture_dec"],
                         help="NVAE's --num_mixture_dec: 10 (its default) = discretized logistic mixture, "
                              "left alone by the patch; 1 = Normal pixel decoder, patched")
+    parser.add_argument("--fuse", choices=["off", "on", "both"], default="off",
+                        help="time the eager patch (default), the torch.compile-fused one, or both")
     parser.add_argument("--observers", action="store_true",
                         help="instead: vanilla with the launcher's provenance hooks over vanilla without")
     parser.add_argument("--quick", action="store_true",
@@ -127,12 +146,13 @@ def main(argv=None) -> int:
     try:
         if args.observers:
             names = ["vanilla"]
-        rows = [measure(name, steps, warmup, args.threads, observers=args.observers,
-                        num_mixture_dec=args.num_mixture_dec) for name in names]
+        modes = [False] if args.observers else {"off": [False], "on": [True], "both": [False, True]}[args.fuse]
+        rows = [row for name in names for row in measure(name, steps, warmup, args.threads, observers=args.observers,
+                                                          fuse=modes, num_mixture_dec=args.num_mixture_dec)]
     except UpstreamError as err:  # no clone, or not the pinned one: says what to run
         print(f"{prog}: {err}", file=sys.stderr)
         return 2
-    print(timing.table(rows, steps, warmup))
+    print(timing.table(rows, steps, warmup, columns=[("fused", 6, lambda r: "yes" if r["fuse"] else "no")]))
     round0 = rows[0]["losses"]["vanilla"][0]
     print(f"NVAE AutoEncoder {ARCH}, cifar10 32x32, batch {BATCH}, num_mixture_dec {args.num_mixture_dec}. "
           f"Loss in round 0 (same weights, batch and noise): vanilla {round0:.6g}; patched - vanilla: "

@@ -197,10 +197,7 @@ def check_data(H) -> None:
 
 
 def add_arguments(parser) -> None:
-    """``vaepatch run vdvae``'s own options."""
-    parser.add_argument("--fuse", action=argparse.BooleanOptionalAction, default=None,
-                        help="torch.compile the patched block math (default: yes on a GPU where torch.compile works, "
-                             "no on CPU; run.json says which ran)")
+    """``vaepatch run vdvae``'s own options: none beyond the common ones (``--fuse`` among them)."""
 
 
 def run_from_args(args, train_args: list) -> dict:

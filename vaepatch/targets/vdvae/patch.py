@@ -31,6 +31,7 @@ import warnings
 import torch
 
 from vaepatch import blockmath, gaussian, scales
+from vaepatch.compiled import fused
 from vaepatch.patching import Patch
 from vaepatch.targets.vdvae.ou import OUSource, split_prior, smoothed_prior
 
@@ -46,28 +47,6 @@ FINGERPRINTS = {
     ("vae.Decoder", "forward"): "c184cf1d2dbb6302",
 }
 _pass = threading.local()  # .chain: {"previous": the last block's OUSource} within the current decoder pass
-
-
-def fused(fn):
-    """``torch.compile(fn)``, falling back to ``fn`` (with a warning) if compiling fails.
-
-    The fallback matters: a missing C++ compiler or Triton must not kill a long run.
-    """
-    compiled = torch.compile(fn, dynamic=True)
-    state = {"impl": compiled}
-
-    def call(*args):
-        try:
-            return state["impl"](*args)
-        except Exception as err:  # noqa: BLE001 - any compile failure: run eager instead
-            if state["impl"] is fn:
-                raise
-            warnings.warn(f"vaepatch: torch.compile of the fused block math failed ({type(err).__name__}: {err}); "
-                          "running it eagerly (same numbers, slower)", stacklevel=2)
-            state["impl"] = fn
-            return fn(*args)
-
-    return call
 
 
 def build(variant, modules, fuse=False):

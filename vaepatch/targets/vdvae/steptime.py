@@ -88,12 +88,7 @@ def measure(variant="upbounded1", steps=30, warmup=5, threads=None, seed=0, fuse
         optimizers = {name: torch.optim.SGD(m.parameters(), lr=1e-6) for name, m in models.items()}
         step_fns = {name: (lambda i, m=m, opt=optimizers[name]: _step(m, opt, x)) for name, m in models.items()}
 
-        def switch(name):  # only the named mode's patches applied (none for vanilla)
-            for ps in patchsets.values():
-                ps.revert()
-            if name in patchsets:
-                patchsets[name].apply()
-
+        switch = timing.switch(patchsets)  # only the named mode's patches applied (none for vanilla)
         times = timing.rounds(step_fns, steps, warmup, desc=f"vanilla vs {variant} ({', '.join(names.values())})",
                               before=switch)
         extra = {"memory": _memory(models, optimizers, x, switch)} if memory else {}

@@ -1,0 +1,34 @@
+"""``torch.compile`` for the patches' elementwise math, with an eager fallback.
+
+Both targets' ``fuse=True`` wrap their per-group math (scales, draw, KL) in :func:`fused`: on a GPU
+each elementwise pass is a kernel launch, compiled they are a few fused kernels. Knows no upstream.
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+__all__ = ["fused"]
+
+
+def fused(fn):
+    """``torch.compile(fn)``, falling back to ``fn`` (with a warning) if compiling fails.
+
+    The fallback matters: a missing C++ compiler or Triton must not kill a long run.
+    """
+    compiled = torch.compile(fn, dynamic=True)
+    state = {"impl": compiled}
+
+    def call(*args):
+        try:
+            return state["impl"](*args)
+        except Exception as err:  # noqa: BLE001 - any compile failure: run eager instead
+            if state["impl"] is fn:
+                raise
+            warnings.warn(f"vaepatch: torch.compile of the fused block math failed ({type(err).__name__}: {err}); "
+                          "running it eagerly (same numbers, slower)", stacklevel=2)
+            state["impl"] = fn
+            return fn(*args)
+
+    return call
