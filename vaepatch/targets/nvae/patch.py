@@ -89,12 +89,22 @@ _hooks_lock = threading.Lock()
 _hooked: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # head module -> [hook handle, users]
 
 
+def _layout(x):
+    """``x``'s memory format: channels_last where it is laid out so (and not also plain contiguous)."""
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
 def _head_map(scale, fuse):
     """(mean, raw scale) head output -> (mean, exact log sigma) under ``scale``; compiled with ``fuse``."""
 
     def head_map(output):
         mean, raw = torch.chunk(output, 2, dim=1)
-        return torch.cat([mean, scale(raw)[1]], dim=1)
+        mapped = torch.cat([mean, scale(raw)[1]], dim=1)
+        # In the head output's memory layout (NVAE runs channels_last), as vanilla keeps it: some forms'
+        # ops return contiguous tensors, and the convolutions downstream round differently per layout.
+        return mapped.contiguous(memory_format=_layout(output))
 
     return fused(head_map) if fuse else head_map
 
