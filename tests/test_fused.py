@@ -37,3 +37,24 @@ def test_fused_matches_eager_at_extreme_inputs():
     for a, b in zip(g_f, g_e):  # elementwise math: each element's gradient is its own
         torch.testing.assert_close(a[representable], b[representable], rtol=1e-4, atol=1e-5)
         assert torch.isfinite(a[representable]).all()
+
+
+def _head_map_like(scale):
+    # one closure per scale over one code object, as each side's head map and precision's wrapper are
+    def head_map(raw):
+        return scale(raw)[1] * 1.0
+
+    return head_map
+
+
+def test_fused_functions_sharing_code_each_keep_their_compiled_versions(caplog):
+    """torch.compile counts recompiles per code object (limit 8) and past it runs eagerly: fused gives
+    each function its own code, so nine closures of one function each compile, with no limit hit."""
+    specs = ["exp", "explin", "upbounded1", "downbounded0.01", "bounded(1e-5, 1)", "cst1", "softplus1",
+             "softplus2", "bounded(0.01, 1)"]
+    x = torch.linspace(-30, 30, 24).reshape(2, 3, 2, 2)
+    with caplog.at_level("WARNING", logger="torch._dynamo"):
+        for spec in specs:
+            eager = _head_map_like(scales.get(spec))
+            torch.testing.assert_close(fused(eager)(x), eager(x), rtol=1e-6, atol=1e-6)
+    assert not [r for r in caplog.records if "recompile_limit" in r.getMessage()], caplog.text
