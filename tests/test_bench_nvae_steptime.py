@@ -52,7 +52,7 @@ def test_same_start_vanilla_unpatched_variant_patched():
 
 def test_quick_run_prints_a_ratio_row_per_variant():
     variants = ["upbounded1", "explin", "upbounded1-cst1"]
-    proc = _python(["-m", "vaepatch", "bench", "nvae-step-time", "--quick", "--threads", "1",
+    proc = _python(["-m", "vaepatch", "bench", "nvae-step-time", "--quick", "--threads", "1", "--fuse", "off",
                     "--variants", ",".join(variants)], require_nvae())
     assert proc.returncode == 0, proc.stdout + proc.stderr
     lines = proc.stdout.splitlines()
@@ -61,7 +61,7 @@ def test_quick_run_prints_a_ratio_row_per_variant():
     rows = {line.split()[0]: line.split()[1:] for line in lines[1:1 + len(variants)]}
     assert list(rows) == variants, proc.stdout
     for fused, *cells in rows.values():
-        assert fused == "no"  # eager unless --fuse
+        assert fused == "no"  # --fuse off: eager rows only
         vanilla_ms, patched_ms, ratio, q1, q3 = (float(c.strip("[],")) for c in cells)
         assert all(math.isfinite(v) and v > 0 for v in (vanilla_ms, patched_ms, ratio))
         assert q1 - 1e-3 <= ratio <= q3 + 1e-3  # the median of the per-round ratios, within their quartiles
@@ -71,20 +71,22 @@ def test_quick_run_prints_a_ratio_row_per_variant():
 FUSED = """
 import json
 from vaepatch.targets.nvae.steptime import measure
-print(json.dumps([row["losses"] for row in measure("upbounded1", steps=2, warmup=1, threads=1, fuse=[False, True])]))
+print(json.dumps([row["losses"] for row in measure("qfloor-cst1", steps=2, warmup=1, threads=1, fuse=[False, True])]))
 """
 
 
 def test_fused_rows_time_the_compiled_patch_against_the_same_vanilla():
     """``fuse=[False, True]``: one row each, timed in the same rounds against one vanilla model; the fused
-    model is really patched (its loss differs from vanilla's) and computes the eager numbers."""
+    model is really patched (its loss differs from vanilla's) and computes the eager numbers. qfloor-cst1: its
+    posterior form returns contiguous tensors from NVAE's channels_last heads; unless the head map restores
+    the layout, the convolutions after it round differently and the loss moves by ~4e-5 of itself."""
     proc = _python(["-c", FUSED], require_nvae())
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "torch.compile of the fused block math failed" not in proc.stderr
     eager, fused = json.loads(proc.stdout.strip().splitlines()[-1])
     assert eager["vanilla"] == fused["vanilla"] and len(fused["patched"]) == 3
     assert fused["patched"][0] != fused["vanilla"][0]
-    assert fused["patched"] == pytest.approx(eager["patched"], rel=1e-5)
+    assert fused["patched"] == pytest.approx(eager["patched"], rel=1e-6)
 
 
 def test_unknown_variant_is_a_clear_error_before_anything_runs(capsys, monkeypatch):

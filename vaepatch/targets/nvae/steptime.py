@@ -124,8 +124,8 @@ def main(argv=None) -> int:
     parser.add_argument("--num-mixture-dec", type=int, default=TINY_ARGS["num_mixture_dec"],
                         help="NVAE's --num_mixture_dec: 10 (its default) = discretized logistic mixture, "
                              "left alone by the patch; 1 = Normal pixel decoder, patched")
-    parser.add_argument("--fuse", choices=["off", "on", "both"], default="off",
-                        help="time the eager patch (default), the torch.compile-fused one, or both")
+    parser.add_argument("--fuse", choices=["off", "on", "both"], default="both",
+                        help="time the eager patch, the torch.compile-fused one, or both (default)")
     parser.add_argument("--observers", action="store_true",
                         help="instead: vanilla with the launcher's provenance hooks over vanilla without")
     parser.add_argument("--quick", action="store_true",
