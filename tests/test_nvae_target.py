@@ -633,5 +633,8 @@ def test_fused_matches_eager_loss_and_gradients(nvae, name, flows):
     (loss_e, grads_e), (loss_f, grads_f) = results[False], results[True]
     assert torch.isfinite(loss_f) and len(grads_f) == len(grads_e) > 0
     torch.testing.assert_close(loss_f, loss_e, rtol=1e-5, atol=1e-4)
+    # Some gradients are exactly zero in exact arithmetic (a conv bias before a batch norm) and come out
+    # as float32 rounding of the model's large gradients (~1e3 here): measured against those.
+    scale = max(g.abs().max().item() for g in grads_e)
     for gf, ge in zip(grads_f, grads_e):
-        torch.testing.assert_close(gf, ge, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(gf, ge, rtol=1e-4, atol=1e-8 * scale)
