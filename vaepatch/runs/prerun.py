@@ -99,8 +99,9 @@ def choose_fuse(requested: bool | None, cpu: bool, variant: Variant) -> tuple[bo
     """``vaepatch run``'s choice of fused (torch.compile) or eager block math, and the line that says why.
 
     Default: fused on a GPU when torch.compile works there (each block's math is then a few kernels
-    instead of ~25 launches), eager on CPU, where the fused step measures no faster (VDVAE) or ~2%
-    slower (NVAE: docs/results/cost.md) and compiling would add 10-30 s to every run. ``--fuse`` / ``--no-fuse`` (or ``$VAEPATCH_FUSE``) decide instead.
+    instead of ~25 launches), eager on CPU, where the fused step measures no faster (VDVAE) or
+    ~2% slower (NVAE: docs/results/cost.md) and compiling would add 10-30 s to every run.
+    ``--fuse`` / ``--no-fuse`` (or ``$VAEPATCH_FUSE``) decide instead.
     """
     if variant.is_vanilla:
         return False, "vanilla: nothing is patched"
