@@ -79,6 +79,37 @@ def test_cell_summary_reports_end_nelbo_of_passing_runs_and_spikes():
     assert report._cell_text(s) == "**1/3 failed** (untrained 1) · 4.6 ± 0.14 (2 of 3) · spikes in 1 (max 4e+05×)"
 
 
+def test_each_skip_policy_is_measured_against_its_own_vanilla(tmp_path, monkeypatch):
+    """Vanilla's margin differs per policy (0.001 without the rule, 0.003 with it): each policy's ratios and
+    its "end NELBO at vanilla's margin" column, in margin.json and margin.md, must use that policy's own."""
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(report, "plot", lambda *a, **k: None)  # the numbers are under test, not the figure
+    passing = {  # policy -> variant -> {rate that passes: its end NELBO}; every other rate fails
+        "off": {"vanilla": {0.001: 5.0}, "a": {0.001: 5.1, 0.003: 5.3}},
+        "upstream": {"vanilla": {0.001: 6.0, 0.003: 6.2}, "a": {0.001: 6.1, 0.003: 6.3, 0.01: 6.5}}}
+    failed = dict(verdict="non-finite", passed=False, end_nelbo=None, first_failure="step 2: loss non-finite",
+                  status="stopped at its first non-finite loss")
+    cells = {p: {(n, lr): [_run(seed=0, end_nelbo=rates[lr]) if lr in rates else _run(seed=0, **failed)]
+                 for n, rates in by_name.items() for lr in LRS} for p, by_name in passing.items()}
+    args = SimpleNamespace(target="vdvae", steps=4, stall_steps=3, start=0.001, every_cell=False)
+    sm.write(tmp_path, args, ["off", "upstream"], ["vanilla", "a"], LRS, [0], [], cells, 1.0)
+
+    ratios = {p: {n: m["ratio"] for n, m in by_name.items()}
+              for p, by_name in json.loads((tmp_path / "margin.json").read_text())["margins"].items()}
+    assert ratios["off"] == {"vanilla": 1.0, "a": pytest.approx(0.003 / 0.001)}
+    assert ratios["upstream"] == {"vanilla": 1.0, "a": pytest.approx(0.01 / 0.003)}  # not 0.01 / 0.001
+
+    lines = (tmp_path / "margin.md").read_text().splitlines()
+    split = lambda line: [c.strip() for c in line.strip().strip("|").split("|")]  # noqa: E731
+    header = split(next(line for line in lines if line.startswith("| variant | margin")))
+    row = dict(zip(header, split(next(line for line in lines if line.startswith("| `a` |")))))
+    assert [row[f"{h} (skip off)"] for h in ("margin", "× vanilla", "end NELBO at margin",
+                                              "end NELBO at vanilla's margin")] == ["0.003", "×3", "5.3", "5.1"]
+    assert [row[f"{h} (skip upstream)"] for h in ("margin", "× vanilla", "end NELBO at margin",
+                                                   "end NELBO at vanilla's margin")] == ["0.01", "×3.33", "6.5", "6.3"]
+
+
 def test_the_search_steps_down_from_a_failure_and_up_from_a_pass():
     lrs = [0.005, 0.01, 0.02, 0.04, 0.08]
     assert sm.next_rate({}, lrs, 0.02) == 0.02
