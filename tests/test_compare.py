@@ -279,3 +279,18 @@ def test_a_key_in_compare_and_in_a_verdict_means_the_same_thing(tmp_path):
     assert record["nonfinite_loss_steps"] == counts.nonfinite_loss_steps == 1
     assert summary["end_loss"]["mean"] == pytest.approx(1.95)  # mean logged loss of the last 2 of 11 steps
     assert record["end_nelbo"] == pytest.approx(1.95)  # no kl/recon parts logged: the NELBO is the loss
+
+
+def test_a_run_stalled_from_step_0_counts_as_stalled(tmp_path, capsys):
+    """Step 0 is a real first step of a stall (a run dead from the start), not "no stall": with every
+    update skipped it counts, beside one stalled later and one that never stalled."""
+    skip, ok = (9e3, True, "grad"), (1.0, False, None)
+    _run(tmp_path, "a", "vanilla", 0, [ok] * 4, stall_steps=3)
+    _run(tmp_path, "b", "vanilla", 1, [skip] * 4, stall_steps=3)  # stalled since step 0
+    _run(tmp_path, "c", "vanilla", 2, [ok, ok] + [skip] * 3, stall_steps=3)  # stalled since step 2
+    _, out, _ = _compare(capsys, tmp_path, "--format", "json")
+    (summary,) = json.loads(out)
+    assert summary["stalled"]["runs"] == 2 and summary["stalled"]["since"] == [None, 0, 2]
+    _, md, _ = _compare(capsys, tmp_path)
+    header, _, row = md.splitlines()[:3]
+    assert header.rstrip(" |").endswith("| stalled") and row.endswith("| 2/3 (since step 0, 2) |")
