@@ -206,6 +206,33 @@ def test_first_block_temperature_is_exact(model):
     torch.testing.assert_close(z2 - pm2, 0.25 * (z1 - pm1), rtol=1e-5, atol=1e-6)
 
 
+def test_temperature_multiplies_the_prior_sigma_in_a_later_block(model):
+    """Temperature multiplies sigma; adding log t to the raw scale agrees with that for UpBounded1 only where
+    the raw scale and raw + log t are both <= 0, as in the first block (raw scale exactly 0) at t < 1. So
+    block 1, raw scales on both sides of 0, at t = 0.25 and 2: its input comes from block 0's draw, the same
+    at every t with t = 1 in block 0 and one seed."""
+    vaepatch.apply("upbounded1", target="vdvae")
+    block, n = model.decoder.dec_blocks[1], len(model.decoder.dec_blocks)
+    with torch.no_grad():  # raw prior scales spread over [-1.5, 1.5] (the weights alone give |raw| < 0.01)
+        block.prior.c4.weight.normal_(0, 0.3)
+        block.prior.c4.bias[block.zdim:2 * block.zdim] = torch.linspace(-1.5, 1.5, block.zdim)
+    seen = []
+    hz = block.z_proj.register_forward_pre_hook(lambda m, inp: seen.append(inp[0].detach().clone()))
+    hp = block.prior.register_forward_hook(lambda m, i, o: seen.append(o[:, :2 * block.zdim].detach().clone()))
+    for t in (1.0, 0.25, 2.0):
+        torch.manual_seed(7)
+        model.decoder.forward_uncond(2, t=[1.0, t] + [1.0] * (n - 2))
+    hz.remove()
+    hp.remove()
+    (p1, z1), (p_low, z_low), (p_high, z_high) = zip(seen[0::2], seen[1::2])
+    pm, pv = p1.split(block.zdim, dim=1)
+    assert (pv > 1).any() and (pv < -1).any()  # well on both sides of 0, where adding log t to it goes wrong
+    torch.testing.assert_close(p_low, p1)
+    torch.testing.assert_close(p_high, p1)
+    torch.testing.assert_close(z_low - pm, 0.25 * (z1 - pm), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(z_high - pm, 2.0 * (z1 - pm), rtol=1e-5, atol=1e-6)
+
+
 def test_missing_clone_is_a_clear_error(tmp_path):
     from vaepatch.upstream import UpstreamError
 
