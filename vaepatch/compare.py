@@ -21,6 +21,7 @@ from pathlib import Path
 from vaepatch.runs import events as _events
 from vaepatch import markdown
 from vaepatch.runs import logs as _logs
+from vaepatch.runs import tensorboard as _tensorboard
 from vaepatch.runs import verdict as _verdict
 
 __all__ = ["Run", "load_run", "find_runs", "summarize", "render", "survival", "figure", "plot", "main"]
@@ -368,13 +369,25 @@ def main(argv=None) -> int:
     parser.add_argument("runs", nargs="+", help="run directories, or folders holding them (searched recursively)")
     parser.add_argument("--format", choices=("md", "csv", "json"), default="md")
     parser.add_argument("--plot", metavar="FILE.png", help="loss curves and cumulative skipped updates per variant")
+    parser.add_argument("--tensorboard", metavar="DIR", help="also write each run's steps as TensorBoard scalars, one "
+                        f"folder per run under DIR laid out as under RUNS (needs: {_tensorboard.INSTALL})")
     args = parser.parse_args(argv)
+    if args.tensorboard and not _tensorboard.available():
+        parser.error(f"--tensorboard needs TensorBoard, which is not installed. run: {_tensorboard.INSTALL}")
     problems: list[str] = []
     runs = [load_run(p) for p in find_runs(args.runs, problems)]
     summary = summarize(runs)
     print(render(summary, args.format))
     if args.plot:
         print(f"figure: {plot(runs, args.plot)}", file=sys.stderr)
+    if args.tensorboard:
+        try:
+            exported = _tensorboard.export_runs([r.path for r in runs], args.runs, args.tensorboard)
+        except ValueError as e:
+            print(f"vaepatch compare: {e}", file=sys.stderr)
+            return 2
+        print(f"tensorboard: {len(exported)} runs in {args.tensorboard} (tensorboard --logdir {args.tensorboard})",
+              file=sys.stderr)
     for problem in problems + [p for s in summary for p in s["problems"]]:
         print(f"problem: {problem}", file=sys.stderr)
     return 0 if runs else 1

@@ -154,6 +154,7 @@ class EventWriter:
         records, _, ends_mid_line = _parse(self.path)
         self._logged = {r["step"] for r in records if r["rank"] == self.rank}
         self.resumed_from = max(self._logged) if self._logged else None
+        self.last = None
         if ends_mid_line:  # a killed writer left half a line: start ours on a fresh one
             os.write(self._fd, b"\n")
 
@@ -180,6 +181,7 @@ class EventWriter:
         if written != len(line):
             raise OSError(f"short write to {self.path}: {written} of {len(line)} bytes (disk full?)")
         self._logged.add(step)
+        self.last = event  # the record as written (a TensorBoard sink reads it)
         return True
 
     def close(self) -> None:
