@@ -638,3 +638,39 @@ def test_fused_matches_eager_loss_and_gradients(nvae, name, flows):
     scale = max(g.abs().max().item() for g in grads_e)
     for gf, ge in zip(grads_f, grads_e):
         torch.testing.assert_close(gf, ge, rtol=1e-4, atol=1e-8 * scale)
+
+
+# ----------------------------------------------------------------- AMP's skip rule on the CPU
+
+def test_on_cpu_nvae_train_py_skips_a_step_with_nan_gradients_as_amp_does(nvae):
+    """NVAE's train.py builds ``GradScaler(2**10)`` from torch.cuda.amp, which disables itself without CUDA:
+    a NaN step would then be applied and the weights go NaN. The CPU shim gives it torch.amp's CPU scaler,
+    which skips that step and halves its scale, as AMP does on a GPU; a finite step is still applied."""
+    from torch.cuda.amp import grad_scaler
+
+    from vaepatch.runs.script import load_script
+
+    train, _ = load_script(CLONE / "train.py")
+
+    def step(scaler, model, factor):
+        optimizer = torch.optim.Adamax(model.parameters(), lr=1e-2)
+        _, _, _, kl_all, _ = model(cifar_like())
+        loss = sum(kl.mean() for kl in kl_all) * factor
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+
+    model = tiny_model()
+    before = [p.detach().clone() for p in model.parameters()]
+    scaler = train.GradScaler(2 ** 10)  # as NVAE's main() builds it
+    step(scaler, model, float("nan"))
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters())) and scaler.get_scale() == 512
+    model.zero_grad()
+    step(scaler, model, 1.0)
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    with pytest.warns(UserWarning):  # upstream's own scaler on the CPU: disabled, the NaN step applied
+        plain = grad_scaler.GradScaler(2 ** 10)
+    model = tiny_model()
+    step(plain, model, float("nan"))
+    assert not all(torch.isfinite(p).all() for p in model.parameters())

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from vaepatch import cifar_format, compare
 from vaepatch.runs import events
@@ -88,6 +89,9 @@ def test_twenty_step_cpu_run_logs_every_step_exactly(tmp_path, data):
     assert manifest["variant"] == "upbounded1" and manifest["variant_spec"].startswith("posterior=upbounded(1)")
     assert manifest["status"] == "stopped at --max-steps 20"
     assert {"cpu-cuda-calls", "cpu-gloo", "numpy-vstack-generator"} <= {c["name"] for c in manifest["compat"]}
+    # what it ran on and whether its weights ended finite: what a verdict record carries
+    assert manifest["weights_finite"] is True and manifest["machine"]["torch"] == torch.__version__
+    assert manifest["machine"]["cpus"] >= 1 and manifest["ended"] >= manifest["started"]
 
 
 def test_variant_is_really_applied_in_the_training_process(tmp_path, data):

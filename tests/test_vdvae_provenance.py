@@ -2,6 +2,7 @@
 event's ``where``; the observers leave a vanilla run bit-identical; the launcher stalls, stops, and
 refuses a missing dataset with a message. Needs a clone; skipped (with the reason) without one."""
 import copy
+import math
 import json
 import os
 import subprocess
@@ -101,6 +102,32 @@ def test_injected_prior_underflow_is_named_in_the_event(tmp_path, upstream_train
     assert block["groups_nonfinite"] == 1
     assert block["grad_top"] and all(len(entry) == 3 for entry in block["grad_top"])
     assert events.count(log).nonfinite_origins == {f"kl non-finite at {block['label']}: {block['cause']}": 1}
+
+
+def _prior_far_negative_at(steps):
+    """The same fault as :func:`_prior_far_negative`, at every step in ``steps``."""
+    def fault(model, step):
+        if step not in steps:
+            return None
+        return _prior_far_negative(model, FAULT_STEP)
+    return fault
+
+
+def test_a_real_run_with_nan_steps_goes_on_and_is_judged_by_where_it_ends(tmp_path, upstream_train, one_thread):
+    """Upstream's training_step skips a NaN step and trains on: the NaN steps are counted, the weights stay
+    finite, and the run passes; NaN on most of its last tenth instead fails it, though no step stalled it."""
+    from vaepatch.runs import verdict
+
+    steps = 20
+    losses, log = _run_steps(tmp_path / "few", upstream_train, "vanilla", steps,
+                             fault=_prior_far_negative_at({3, 4, 9}))
+    assert [e["step"] for e in log if e["reason"] == "nan"] == [3, 4, 9]
+    assert all(math.isfinite(v) for i, v in enumerate(losses) if i not in (3, 4, 9))  # the NaN was never applied
+    run = verdict.judge(log, "stopped at --max-steps", steps)
+    assert run["verdict"] == "passed" and run["nan_steps"] == 3 and run["end_nelbo"] < run["first_nelbo"]
+    _, ruined = _run_steps(tmp_path / "end", upstream_train, "vanilla", 10, fault=_prior_far_negative_at({9}))
+    late = verdict.judge(ruined, "stopped at --max-steps", 10)  # its last tenth is its last step, a NaN
+    assert late["verdict"] == "mostly skipped" and late["end_applied_share"] == 0.0 and late["nan_steps"] == 1
 
 
 def test_observers_leave_a_vanilla_run_bit_identical(tmp_path, upstream_train, one_thread):

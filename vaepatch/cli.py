@@ -12,6 +12,7 @@ commands:
   bench nvae-step-time  training-step time of the real NVlabs/NVAE on CPU, patched / vanilla (needs a clone)
   bench vdvae-stress  every built-in variant x 3 seeds of the real openai/vdvae on CPU at a breaking lr (needs a clone)
   bench stability-margin  learning-rate headroom per variant on the real VDVAE or NVAE (tiny, CPU; needs a clone)
+  bench skip-counts  the paper's Table 4 at CPU scale: NaN steps, skipped updates, stalls over long VDVAE runs
   bench overfit    Dehaene & Brossard Table 2 at CPU scale: conv VAE, encoder x decoder scales x LRs
   bench decoder-variance  their Table 3 at CPU scale: MNIST MLP VAE, decoded scale parameterizations
   bench ou-collapse  Pervez & Gavves Table 1 at CPU scale: MLP hierarchy, vanilla vs OU-smoothed prior
@@ -50,7 +51,8 @@ def _bench(argv) -> int:
     benches = {"numerics": "vaepatch.bench.numerics", **targets.benches(), "overfit": "vaepatch.bench.overfit",
                "decoder-variance": "vaepatch.bench.decoder_variance", "ou-collapse": "vaepatch.bench.ou_collapse",
                "phase": "vaepatch.bench.ou_phase", "ou-cost": "vaepatch.bench.ou_cost",
-               "stability-margin": "vaepatch.bench.stability_margin", "gpu": "vaepatch.bench.gpu"}
+               "stability-margin": "vaepatch.bench.stability_margin", "skip-counts": "vaepatch.bench.skip_counts",
+               "gpu": "vaepatch.bench.gpu"}
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in benches:
         known = ", ".join(benches)
         if argv and argv[0] not in ("-h", "--help"):

@@ -7,18 +7,21 @@ upstream's own rule: VDVAE skips an update whose gradient norm exceeds 400) and 
 ``--skip_threshold -1``; a step with a NaN loss is still not applied, one with an infinite loss then
 is). NVAE has no skip rule.
 
-Each run is judged by where it ends (``vaepatch.runs.verdict``): it fails on a non-finite loss, a
-stall (its last ``--stall-steps`` steps had no update: it is stopped there) or ending untrained (its end
-NELBO, the mean of recon + KL over its last 10% of steps, not below its first step's); spikes and
-skips are counted, not failed. A cell passes when every seed passed; a variant's margin is the largest
-rate that passed below its lowest failing one, and its ratio that margin over vanilla's under the same
-policy. Beside every verdict: the end NELBO of the passing runs, so a higher rate that reaches a worse
-model shows.
+Each run is judged by where it ends, the way its upstream trains it (``vaepatch.runs.verdict``): a
+step the upstream does not apply (VDVAE skips a NaN loss; NVAE's grad scaler a non-finite gradient) is
+counted, not failed. A run fails on a stall (its last ``--stall-steps`` steps had no update: it is
+stopped there), when most of its last 10% of steps were not applied, when its weights end non-finite,
+or when it ends untrained (its end NELBO, the median of recon + KL over its last 10% of steps, not
+below its first step's); spikes, NaN steps and skips are counted beside every verdict. A cell passes
+when every seed passed; a variant's margin is the largest rate that passed below its lowest failing
+one, and its ratio that margin over vanilla's under the same policy. Beside every verdict: the end
+NELBO of the passing runs, so a higher rate that reaches a worse model shows.
 
 By default only the cells that decide each margin are run: each (variant, policy) starts at
 ``--start``, steps one grid rate down while the cell fails and up while it passes, until a passing
-rate sits below a failing one; ``--every-cell`` runs the whole grid. A run stops early at its first
-non-finite loss. Rerunning skips finished runs, so a long grid survives interruption and grows: add
+rate sits below a failing one; ``--every-cell`` runs the whole grid. ``--stop-at-nonfinite`` (smoke
+runs only) stops each run at its first non-finite loss and fails it there: harsher than the upstream,
+which trains on. Rerunning skips finished runs, so a long grid survives interruption and grows: add
 rates, seeds or variants and rerun.
 """
 from __future__ import annotations
@@ -112,12 +115,14 @@ def _one(job) -> int:
     return code
 
 
-def _command(target, tiny, run_dir, data, policy, name, lr, seed, steps, stall_steps, extra, upstream) -> list:
+def _command(target, tiny, run_dir, data, policy, name, lr, seed, steps, stall_steps, extra, upstream,
+             stop_at_nonfinite=False, skip_policies=None) -> list:
     options, train = tiny.run_args(run_dir, data, seed, lr, free_port())
+    policies = tiny.SKIP_POLICIES if skip_policies is None else skip_policies
     return [sys.executable, "-m", "vaepatch", "run", target, "--variant", name, "--out", str(run_dir),
-            "--cpu", "--max-steps", str(steps), "--stop-at-nonfinite", "--stop-when-stalled", str(stall_steps),
-            *options, *(["--upstream", str(upstream)] if upstream else []), "--", *train,
-            *tiny.SKIP_POLICIES[policy], *extra]
+            "--cpu", "--max-steps", str(steps), *(["--stop-at-nonfinite"] if stop_at_nonfinite else []),
+            "--stop-when-stalled", str(stall_steps), *options, *(["--upstream", str(upstream)] if upstream else []),
+            "--", *train, *policies[policy], *extra]
 
 
 class _Searches:
@@ -176,7 +181,8 @@ class _Searches:
 
 
 def run_grid(target: str, out: Path, policies, names, lrs, seeds, steps: int, stall_steps: int, *, start=None,
-             jobs: int = 2, extra=(), upstream=None, every_cell: bool = False, launch=_one) -> dict:
+             jobs: int = 2, extra=(), upstream=None, every_cell: bool = False, launch=_one,
+             stop_at_nonfinite: bool = False) -> dict:
     """Run what is not finished yet, ``jobs`` runs at a time, the searches' runs in priority order (the
     variants as given, each under every policy: the first search's next run always goes first); returns
     :func:`collect`'s cells."""
@@ -201,7 +207,8 @@ def run_grid(target: str, out: Path, policies, names, lrs, seeds, steps: int, st
                 if run_dir.exists():  # an interrupted attempt: start that run over
                     shutil.rmtree(run_dir)
                 run_dir.mkdir(parents=True)
-                command = _command(target, tiny, run_dir, data, p, n, lr, s, steps, stall_steps, extra, upstream)
+                command = _command(target, tiny, run_dir, data, p, n, lr, s, steps, stall_steps, extra, upstream,
+                                   stop_at_nonfinite)
                 running[pool.submit(launch, (command, run_dir / "stdout.txt"))] = run_dir
                 bar.set_postfix_str(f"last started: skip {p}, {n}, lr {report.fmt_lr(lr)}, seed {s}")
             if not running:
@@ -242,6 +249,9 @@ def _parse(argv):
                         help="a run whose last STALL_STEPS steps had no update is stalled (stopped, failed)")
     parser.add_argument("--jobs", type=int, default=2, help="runs at once, one thread each")
     parser.add_argument("--upstream", help="the clone (default: $VAEPATCH_<TARGET>, then third_party/<target>)")
+    parser.add_argument("--stop-at-nonfinite", action="store_true",
+                        help="smoke runs only: stop each run at its first non-finite loss and fail it there "
+                             "(the upstream itself skips such a step and trains on)")
     parser.add_argument("--report-only", action="store_true", help="only read OUT/runs and write the tables")
     args = parser.parse_args(argv)
     fill_defaults(args, DEFAULTS[args.target], {**QUICK, "skip": DEFAULTS[args.target]["skip"]})
@@ -281,7 +291,8 @@ def main(argv=None) -> int:
         cells = collect(out, policies, names, lrs, seeds, args.steps)
     else:
         cells = run_grid(args.target, out, policies, names, lrs, seeds, args.steps, args.stall_steps, start=args.start,
-                         jobs=args.jobs, extra=extra, upstream=args.upstream, every_cell=args.every_cell)
+                         jobs=args.jobs, extra=extra, upstream=args.upstream, every_cell=args.every_cell,
+                         stop_at_nonfinite=args.stop_at_nonfinite)
     write(out, args, policies, names, lrs, seeds, extra, cells, time.perf_counter() - started)
     return 0
 
@@ -302,9 +313,11 @@ def write(out: Path, args, policies, names, lrs, seeds, extra, cells, seconds) -
     out.mkdir(parents=True, exist_ok=True)
     meta = dict(target=args.target, skip=policies, lrs=lrs, variants=names, seeds=seeds, steps=args.steps,
                 stall_steps=args.stall_steps, start=args.start, every_cell=args.every_cell, extra=extra,
-                wall_seconds=seconds,
+                stop_at_nonfinite=getattr(args, "stop_at_nonfinite", False),
+                report_only=getattr(args, "report_only", False),
+                **report.provenance(cells, seconds),
                 verdict=dict(end_fraction=verdict.END_FRACTION, spike_factor=verdict.SPIKE_FACTOR,
-                             spike_window=verdict.SPIKE_WINDOW))
+                             spike_window=verdict.SPIKE_WINDOW, mostly_skipped=verdict.MOSTLY_SKIPPED))
     record = {"meta": meta, "margins": results,
               "cells": [{"skip": p, "variant": n, "lr": lr, **summaries[p][(n, lr)], "runs": cells[p][(n, lr)]}
                         for p in policies for n in names for lr in lrs]}

@@ -16,7 +16,8 @@ from pathlib import Path
 
 from vaepatch import markdown
 
-__all__ = ["cell_summary", "cell_state", "margins", "grid_lines", "margin_lines", "broke_lines", "plot", "fmt_lr"]
+__all__ = ["cell_summary", "step_counts", "provenance", "cell_state", "margins", "grid_lines", "margin_lines",
+           "broke_lines", "plot", "fmt_lr"]
 
 
 def fmt_lr(lr: float) -> str:
@@ -58,7 +59,41 @@ def cell_summary(runs: list) -> dict:
                        "max_ratio": worst["max_ratio"] if worst else None,
                        "max_step": worst["max_step"] if worst else None},
             "grad_skips": sum(r["grad_skips"] for r in runs), "amp_skips": sum(r["amp_skips"] for r in runs),
-            "nonfinite_loss_steps": sum(r["nonfinite_loss_steps"] for r in runs)}
+            "nonfinite_loss_steps": sum(r["nonfinite_loss_steps"] for r in runs),
+            **step_counts([r for r in runs if r["verdict"] != "not run"])}
+
+
+def step_counts(runs: list) -> dict:
+    """Over a cell's finished runs, as the paper's Table 4 counts them: NaN steps (mean, max), updates
+    skipped per reason (mean), and the share of steps whose update was applied (mean, min)."""
+    def mean(key):
+        values = [r.get(key) for r in runs if r.get(key) is not None]
+        return statistics.fmean(values) if values else None
+
+    nan = [r.get("nan_steps", 0) for r in runs]
+    applied = [r["applied_share"] for r in runs if r.get("applied_share") is not None]
+    return {"nan_steps": {"mean": statistics.fmean(nan) if nan else None, "max": max(nan, default=None)},
+            "skips_by_reason": {"nan": mean("nan_steps"), "grad": mean("grad_skips"), "amp": mean("amp_skips")},
+            "applied_share": {"mean": statistics.fmean(applied) if applied else None,
+                              "min": min(applied, default=None)}}
+
+
+def provenance(cells: dict, seconds: float) -> dict:
+    """What a grid's runs ran on, from their run.json: the machines, the vaepatch and upstream commits,
+    the runs' own wall time (summed) beside this command's (a report-only pass takes seconds)."""
+    runs = [r for policy in cells.values() for seeds in policy.values() for r in seeds if r["verdict"] != "not run"]
+
+    def distinct(key):
+        seen = []
+        for r in runs:
+            if r.get(key) is not None and r[key] not in seen:
+                seen.append(r[key])
+        return seen
+
+    walls = [r["wall_seconds"] for r in runs if r.get("wall_seconds") is not None]
+    return {"machines": distinct("machine"), "vaepatch_commits": distinct("vaepatch_commit"),
+            "upstream_commits": distinct("upstream_commit"), "runs": len(runs),
+            "runs_wall_seconds": sum(walls) if walls else None, "wall_seconds": seconds}
 
 
 def margins(states: dict, lrs: list, names: list) -> dict:
@@ -104,6 +139,12 @@ def _cell_text(summary: dict) -> str:
         text += f", {summary['not_run']} not run" if summary["not_run"] else ""
         if summary["end_nelbo"]["n"]:
             text += f" · {_loss(summary['end_nelbo'], summary['n_runs'])}"
+    nan = summary.get("nan_steps") or {}
+    if nan.get("max"):
+        text += f" · NaN steps {nan['mean']:.3g} (max {nan['max']})"
+    grad = (summary.get("skips_by_reason") or {}).get("grad")
+    if grad:
+        text += f" · grad skips {grad:.3g}"
     if summary["spikes"]["runs_with_spikes"]:
         text += f" · spikes in {summary['spikes']['runs_with_spikes']} (max {summary['spikes']['max_ratio']:.2g}×)"
     return text
@@ -156,12 +197,26 @@ def margin_lines(results: dict, summaries: dict, names: list) -> list:
 
 
 def _why(run: dict) -> str:
-    if run["verdict"] == "untrained":
-        return (f"did not end trained: end NELBO {run['end_nelbo']:.3g} vs first step's {run['first_nelbo']:.3g}"
+    """One run's verdict in words, with what its events counted: NaN steps (and the first), skips."""
+    verdict = run["verdict"]
+    if verdict == "untrained":
+        text = (f"did not end trained: end NELBO {run['end_nelbo']:.3g} vs first step's {run['first_nelbo']:.3g}"
                 if run["end_nelbo"] is not None and run["first_nelbo"] is not None else "did not end trained")
-    if run["verdict"] in ("non-finite", "stalled") and run["first_failure"]:
-        return f"{run['verdict']}: {run['first_failure']}"
-    return f"{run['verdict']} ({run['status']})"
+    elif verdict == "mostly skipped" and run.get("end_applied_share") is not None:
+        text = f"mostly skipped: {run['end_applied_share']:.0%} of its last 10% of steps applied"
+    elif verdict in ("non-finite", "stalled") and run["first_failure"]:
+        text = f"{verdict} (first failing step: {run['first_failure']})"
+    elif verdict == "passed":
+        text = "passed"
+    else:
+        text = f"{verdict} ({run['status']})"
+    counted = []
+    if run.get("nan_steps"):
+        counted.append(f"{run['nan_steps']} NaN steps, the first at step {run['first_nonfinite_loss_step']}")
+    for key, words in (("grad_skips", "high-gradient skips"), ("amp_skips", "AMP skips")):
+        if run.get(key):
+            counted.append(f"{run[key]} {words}")
+    return text + (f"; {', '.join(counted)}" if counted else "")
 
 
 def broke_lines(results: dict, cells: dict) -> list:
@@ -178,7 +233,7 @@ def broke_lines(results: dict, cells: dict) -> list:
                 spike = run["spikes"]
                 extra = (f"; {spike['count']} spike(s), largest {spike['max_ratio']:.3g}× at step {spike['max_step']}"
                          if spike["count"] else "")
-                lines.append(f"  - seed {run['seed']}: {_why(run) if not run['passed'] else 'passed'}{extra}")
+                lines.append(f"  - seed {run['seed']}: {_why(run)}{extra}")
     return lines
 
 

@@ -9,12 +9,16 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import platform
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 from vaepatch.version import __version__
 
-__all__ = ["FILENAME", "LaunchError", "now", "new", "read", "previous", "write", "write_atomic"]
+__all__ = ["FILENAME", "LaunchError", "now", "new", "machine", "source_commit", "wall_seconds", "read", "previous",
+           "write", "write_atomic"]
 
 FILENAME = "run.json"
 
@@ -31,7 +35,58 @@ def new(target: str, variant: str, variant_spec: str, *, upstream_commit, seed, 
     """A fresh manifest with the contract's keys (``DESIGN.md``: runs, events, reports), then ``extra``."""
     return {"target": target, "variant": str(variant), "variant_spec": variant_spec,
             "upstream_commit": upstream_commit, "vaepatch_version": __version__, "seed": seed,
-            "argv": list(argv), "host": socket.gethostname(), "started": now(), "loss_unit": loss_unit, **extra}
+            "argv": list(argv), "host": socket.gethostname(), "started": now(), "loss_unit": loss_unit,
+            "vaepatch_commit": source_commit(), "machine": machine(), **extra}
+
+
+def machine() -> dict:
+    """What a run ran on, so a number can be traced to its machine: CPU model, cores, torch, Python."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    torch = sys.modules.get("torch")
+    if torch is None:
+        try:
+            from importlib.metadata import version
+
+            torch_version = version("torch")
+        except Exception:  # not installed: a report-only reader
+            torch_version = None
+    else:
+        torch_version = torch.__version__
+    return {"cpu": cpu, "cpus": os.cpu_count(), "torch": torch_version, "python": platform.python_version()}
+
+
+def source_commit() -> str | None:
+    """The git commit of the vaepatch checkout this code runs from (``+dirty`` with uncommitted changes),
+    or None for an installed wheel."""
+    here = Path(__file__).resolve().parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10)
+        if head.returncode != 0:
+            return None
+        top = subprocess.run(["git", "rev-parse", "--show-toplevel"], cwd=here, capture_output=True, text=True,
+                             timeout=10).stdout.strip()
+        if not (Path(top) / "vaepatch" / "runs" / "manifest.py").exists():  # some other repository around a wheel
+            return None
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "vaepatch"], cwd=top,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return head.stdout.strip() + ("+dirty" if dirty else "")
+
+
+def wall_seconds(manifest: dict) -> float | None:
+    """Seconds from a run's start to its end, from run.json (None while it has no end)."""
+    try:
+        started = datetime.datetime.fromisoformat(manifest["started"])
+        ended = datetime.datetime.fromisoformat(manifest["ended"])
+    except (KeyError, TypeError, ValueError):
+        return None
+    return (ended - started).total_seconds()
 
 
 def read(path: Path) -> dict | None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import sys
 
+from vaepatch.runs import tensorboard as _tensorboard
 from vaepatch.runs.events import STALL_STEPS, EventWriter
 
 __all__ = ["StopRun", "StopAtMaxSteps", "StopStalled", "StopNonfinite", "StepRecorder", "STALL_STEPS", "STALL_HINT"]
@@ -70,14 +71,33 @@ class StepRecorder:
         self.logged = 0
         self.already_logged = 0
         self.streak, self.streak_start, self.stalled_since = 0, None, None
+        self.sink = None  # set by open(): the TensorBoard copy of each written step, or None
+        self.model = None  # the upstream's model, set by the subclass at its first step: weights_finite() reads it
 
-    def open(self, path, rank: int) -> EventWriter:
+    def weights_finite(self) -> bool | None:
+        """Whether every floating-point parameter and buffer of the model is finite (None before the first
+        step): a run that applied a NaN step ends with NaN weights, however its last losses were logged."""
+        if self.model is None:
+            return None
+        import torch
+
+        tensors = [t for t in (*self.model.parameters(), *self.model.buffers()) if t.is_floating_point()]
+        return bool(all(torch.isfinite(t).all() for t in tensors))
+
+    def open(self, path, rank: int, tensorboard=None) -> EventWriter:
+        """This rank's events file; on rank 0, each written step also as TensorBoard scalars in the folder
+        ``tensorboard`` when it is given and TensorBoard is installed (``vaepatch.runs.tensorboard``)."""
         self.writer = EventWriter(path, rank=rank)
+        if tensorboard is not None and rank == 0:
+            self.sink = _tensorboard.open_sink(tensorboard)
         return self.writer
 
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+        if self.sink is not None:
+            self.sink.close()
+            self.sink = None
 
     def check_max_steps(self, step: int) -> None:
         """Stop cleanly before step ``step`` when ``--max-steps`` steps (0 .. max_steps-1) are done."""
@@ -93,6 +113,8 @@ class StepRecorder:
                                         reason=reason, time=time, finite=finite, **extra)
             if written:
                 self.logged += 1
+                if self.sink is not None:
+                    self.sink.write(self.writer.last)
             else:
                 self.already_logged += 1
         nonfinite = finite is False or loss is None or not math.isfinite(loss)

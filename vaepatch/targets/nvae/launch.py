@@ -124,12 +124,23 @@ class _Process:
     def run(self, rank: int, size: int, args, init_processes) -> None:
         """NVAE's ``init_processes(rank, size, main, args)`` with this process's events open."""
         self.rank = rank
-        self.recorder.open(Path(self.setup.out) / events.FILENAME, rank)
+        # TensorBoard scalars into NVAE's own summary folder (its Writer's, root/eval-save), beside its curves
+        self.recorder.open(Path(self.setup.out) / events.FILENAME, rank, tensorboard=args.save)
         try:
             init_processes(rank, size, self.train.main, args)
         finally:
             self.recorder.close()
             destroy_process_group()
+            self._record_weights()
+
+    def _record_weights(self) -> None:
+        """Rank 0 writes whether its weights ended finite into run.json (a spawned process has no other way
+        to tell the launcher; the launcher keeps what is on disk)."""
+        path = Path(self.setup.out) / run_manifest.FILENAME
+        if self.rank == 0 and path.exists():
+            manifest = run_manifest.read(path)
+            manifest["weights_finite"] = self.recorder.weights_finite()
+            run_manifest.write(path, manifest)
 
     def undo(self) -> None:
         if self.hooks is not None:
@@ -253,7 +264,9 @@ def run_nvae(variant: str, out: str | os.PathLike, train_args: list[str], *, ups
             session["exit_codes"] = {str(rank): child.exitcode for rank, child in state["processes"]}
         else:
             session["steps_logged"] = process.recorder.logged
-        manifest.update(status=status, ended=session["ended"], stalled_since=stalled_since(out, stall_steps))
+        on_disk = run_manifest.read(manifest_path) if manifest_path.exists() else None
+        manifest.update(status=status, ended=session["ended"], stalled_since=stalled_since(out, stall_steps),
+                        weights_finite=(on_disk or {}).get("weights_finite"))
         if state["writes_manifest"]:
             run_manifest.write(manifest_path, manifest)
     return manifest

@@ -55,6 +55,7 @@ class StepRecorder(BaseStepRecorder):
         """Wrap NVAE's ``train(train_queue, model, optimizer, grad_scalar, global_step, ...)``."""
         def train(train_queue, model, cnn_optimizer, grad_scalar, global_step, *args, **kwargs):
             self.step = int(global_step)
+            self.model = model
             if self.provenance and self.watch is None and hasattr(model, "enc_sampler"):
                 self.watch, self._hooks = watch(model, *self.scales, on_kl=self._on_kl)
                 self._model = model

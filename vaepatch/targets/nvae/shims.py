@@ -271,6 +271,27 @@ def _install_namespace_load() -> Callable[[], None]:
     return undo
 
 
+def _install_cpu_grad_scaler() -> Callable[[], None]:
+    """NVAE's ``GradScaler(2**10)`` (torch.cuda.amp, imported by train.py) as torch.amp's CPU scaler.
+
+    On a GPU NVAE trains under AMP, whose scaler skips every step with inf/NaN gradients and halves
+    its scale; torch.cuda.amp's scaler disables itself without CUDA, and NVAE in float32 then applies a
+    NaN step and its weights go NaN. With the CPU scaler, a run on the CPU handles a non-finite step
+    the way NVAE's users' runs do. The forward stays in float32 (autocast is CUDA-only in train.py):
+    the scaler's rule, not half precision, is what this keeps.
+    """
+    import torch
+    import torch.cuda.amp
+
+    class GradScaler(torch.amp.GradScaler):
+        def __init__(self, init_scale=2.0 ** 16, growth_factor=2.0, backoff_factor=0.5, growth_interval=2000,
+                     enabled=True):
+            super().__init__("cpu", init_scale, growth_factor, backoff_factor, growth_interval, enabled)
+
+    GradScaler.__qualname__ = "CpuGradScaler"
+    return patches(Patch(torch.cuda.amp, "GradScaler", GradScaler), label="vaepatch NVAE CPU grad scaler")
+
+
 SHIMS = (
     Shim("tensorboardx-stub", "utils.py: from tensorboardX import SummaryWriter "
          "(module level; the stand-in writes nothing)",
@@ -298,6 +319,9 @@ SHIMS = (
          on_cpu, _install_sync_batchnorm_cpu),
     Shim("cpu-set-device", "train.py init_processes: torch.cuda.set_device", on_cpu, install_set_device),
     Shim("cpu-gloo", "train.py init_processes: dist.init_process_group(backend='nccl')", on_cpu, install_gloo),
+    Shim("cpu-grad-scaler", "train.py: GradScaler(2**10) from torch.cuda.amp disables itself without CUDA, so a "
+         "step with non-finite gradients would be applied; torch.amp's CPU scaler skips it as AMP does on a GPU "
+         "(forward still float32)", on_cpu, _install_cpu_grad_scaler),
 )
 
 

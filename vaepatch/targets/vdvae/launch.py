@@ -105,12 +105,12 @@ def run_vdvae(variant: str, out: str | os.PathLike, train_args: list[str], *, up
     recorder = StepRecorder(max_steps=max_steps, scales=sides, provenance=provenance, stall_steps=stall_steps,
                             stop_when_stalled=stop_when_stalled, on_stall=on_stall,
                             stop_at_nonfinite=stop_at_nonfinite)
-    writer = recorder.open(out / "events.jsonl", rank)
+    writer = recorder.open(out / "events.jsonl", rank, tensorboard=out)  # TensorBoard files beside the events
     manifest = previous or run_manifest.new("vdvae", variant, resolved.spec,
                                             upstream_commit=upstream.pin("vdvae").commit,
                                             seed=H.seed, argv=train_args, loss_unit=LOSS_UNIT)
     if writer.resumed_from is not None and not H.restore_path:
-        writer.close()
+        recorder.close()
         raise LaunchError(f"{out / 'events.jsonl'} already has steps up to {writer.resumed_from} from an earlier "
                           "attempt, and this one starts from scratch (no --restore_path): its steps would mix "
                           "two trajectories. Continue with VDVAE's --restore_* flags, or use a new --out.")
@@ -161,7 +161,8 @@ def run_vdvae(variant: str, out: str | os.PathLike, train_args: list[str], *, up
             sys.modules["__main__"] = saved_main
         recorder.close()
         session.update(status=status, ended=run_manifest.now(), steps_logged=recorder.logged)
-        manifest.update(status=status, ended=session["ended"], stalled_since=stalled_since(out, stall_steps))
+        manifest.update(status=status, ended=session["ended"], stalled_since=stalled_since(out, stall_steps),
+                        weights_finite=recorder.weights_finite())
         if rank == 0:
             run_manifest.write(manifest_path, manifest)
         destroy_process_group()

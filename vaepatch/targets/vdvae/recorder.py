@@ -48,6 +48,7 @@ class StepRecorder(BaseStepRecorder):
     def training_step(self, original):
         def training_step(H, data_input, target, vae, ema_vae, optimizer, iterate):
             self.check_max_steps(iterate)
+            self.model = getattr(vae, "module", vae)
             if self.provenance and self.watch is None and hasattr(getattr(vae, "module", vae), "decoder"):
                 self.watch, self._hooks = watch(vae, *self.scales)
                 self._model = getattr(vae, "module", vae)
