@@ -274,8 +274,9 @@ def main(argv=None) -> int:
         seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     except ValueError as err:
         parser.error(str(err))
-    if args.steps < 1 or args.stall_steps < 1 or not seeds or "vanilla" not in names:
-        parser.error("need --steps >= 1, --stall-steps >= 1, at least one seed, and vanilla among the variants")
+    if args.steps < 1 or args.stall_steps < 1 or not seeds or ("vanilla" not in names and not args.every_cell):
+        parser.error("need --steps >= 1, --stall-steps >= 1, at least one seed, and vanilla among the variants "
+                     "(the search measures every margin against vanilla's; --every-cell runs given cells without it)")
     from vaepatch import upstream
 
     try:

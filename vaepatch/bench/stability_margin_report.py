@@ -190,8 +190,8 @@ def margin_lines(results: dict, summaries: dict, names: list) -> list:
     policies = list(results)
     columns = ("margin", "× vanilla", "end NELBO at margin", "end NELBO at vanilla's margin")
     header = ["variant"] + [h + (f" (skip {p})" if len(policies) > 1 else "") for p in policies for h in columns]
-    rows = [[f"`{n}`"] + [c for p in policies
-                          for c in _margin_cells(results[p][n], summaries[p], n, results[p]["vanilla"]["margin"])]
+    vanilla = {p: results[p].get("vanilla", {}).get("margin") for p in policies}  # none in a grid of given cells
+    rows = [[f"`{n}`"] + [c for p in policies for c in _margin_cells(results[p][n], summaries[p], n, vanilla[p])]
             for n in names]
     return markdown.table(header, rows)
 
