@@ -137,7 +137,7 @@ def _calibrate(args, out: Path, job) -> dict | None:
     policy, name, seed = CALIBRATION
     run_dir = margin._run_dir(out, policy, name, args.lr, seed)
     calibration = {**calibrate(_events.read(run_dir).events, args.quantile),
-                   "rule": f"exceeded on {args.quantile:.2%} of the applied steps in the second half of vanilla's "
+                   "rule": f"exceeded on {args.quantile * 100:g}% of the applied steps in the second half of vanilla's "
                            f"run with the rule off (seed {seed}, lr {args.lr:g}, {args.steps} steps)",
                    "run": str(run_dir)}
     run_manifest.write_atomic(args.records / "threshold.json", json.dumps(calibration, indent=1) + "\n")

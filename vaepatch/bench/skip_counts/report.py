@@ -75,6 +75,7 @@ def plot(records: dict, policies: list, names: list, seeds: list, steps: int, pa
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     colours = matplotlib.colormaps["tab10"]
     fig, axes = plt.subplots(2, len(policies), figsize=(5.5 * len(policies), 6.4), squeeze=False, sharex=True)
@@ -92,6 +93,8 @@ def plot(records: dict, policies: list, names: list, seeds: list, steps: int, pa
                                                                                     for y in (k, k + 1)] + [len(at)]
                     ax.plot(xs, ys, color=colours(i % 10), lw=1.2, alpha=0.85, label=name if j == 0 else None)
             ax.set_ylabel(f"cumulative {what}")
+            ax.yaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+            ax.set_ylim(bottom=0, top=max(1.0, ax.get_ylim()[1]))
             ax.set_title(POLICY_WORDS.get(policy, policy) if row == 0 else "", fontsize=9)
             ax.set_xlim(0, steps)
             if row == 1:
