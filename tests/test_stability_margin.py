@@ -79,6 +79,31 @@ def test_cell_summary_reports_end_nelbo_of_passing_runs_and_spikes():
     assert report._cell_text(s) == "**1/3 failed** (untrained 1) · 4.6 ± 0.14 (2 of 3) · spikes in 1 (max 4e+05×)"
 
 
+def test_a_cell_counts_nan_steps_skips_and_the_share_applied_as_table_4_does():
+    runs = [_run(nan_steps=12, grad_skips=3, applied_share=0.985),
+            _run(nan_steps=0, applied_share=1.0),
+            _run(verdict="mostly skipped", passed=False, nan_steps=362, applied_share=0.638),
+            _run(verdict="not run", passed=False, end_nelbo=None, nan_steps=0, applied_share=None)]
+    s = report.cell_summary(runs)
+    assert s["nan_steps"] == {"mean": pytest.approx(374 / 3), "max": 362}  # over the three runs that ran
+    assert s["skips_by_reason"]["grad"] == pytest.approx(1.0) and s["skips_by_reason"]["nan"] == pytest.approx(374 / 3)
+    assert s["applied_share"]["min"] == 0.638 and s["applied_share"]["mean"] == pytest.approx((0.985 + 1 + 0.638) / 3)
+    assert "NaN steps 125 (max 362)" in report._cell_text(s) and "grad skips 1" in report._cell_text(s)
+    why = report._why({**runs[2], "end_applied_share": 0.04, "first_nonfinite_loss_step": 337, "status": "x"})
+    assert why == "mostly skipped: 4% of its last 10% of steps applied; 362 NaN steps, the first at step 337"
+
+
+def test_a_grid_record_says_what_its_runs_ran_on_and_how_long_they_took():
+    machine = {"cpu": "some cpu", "cpus": 2, "torch": "2.13.0", "python": "3.11"}
+    runs = [_run(machine=machine, vaepatch_commit="abc", upstream_commit="ea35", wall_seconds=180.0),
+            _run(machine=machine, vaepatch_commit="def", upstream_commit="ea35", wall_seconds=200.0),
+            _run(verdict="not run", passed=False, wall_seconds=None)]
+    meta = report.provenance({"off": {("vanilla", 0.02): runs}}, seconds=0.4)
+    assert meta["machines"] == [machine] and meta["vaepatch_commits"] == ["abc", "def"]
+    assert meta["upstream_commits"] == ["ea35"] and meta["runs"] == 2
+    assert meta["runs_wall_seconds"] == 380.0 and meta["wall_seconds"] == 0.4  # a report-only pass: its own time
+
+
 def test_each_skip_policy_is_measured_against_its_own_vanilla(tmp_path, monkeypatch):
     """Vanilla's margin differs per policy (0.001 without the rule, 0.003 with it): each policy's ratios and
     its "end NELBO at vanilla's margin" column, in margin.json and margin.md, must use that policy's own."""
