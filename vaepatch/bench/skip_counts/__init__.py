@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import shutil
 import statistics
 import sys
@@ -139,7 +140,7 @@ def _calibrate(args, out: Path, job) -> dict | None:
     calibration = {**calibrate(_events.read(run_dir).events, args.quantile),
                    "rule": f"exceeded on {args.quantile * 100:g}% of the applied steps in the second half of vanilla's "
                            f"run with the rule off (seed {seed}, lr {args.lr:g}, {args.steps} steps)",
-                   "run": str(run_dir)}
+                   "run": os.path.relpath(run_dir, out)}
     run_manifest.write_atomic(args.records / "threshold.json", json.dumps(calibration, indent=1) + "\n")
     return calibration
 
@@ -164,7 +165,7 @@ def run(args, out: Path, launch=margin._one) -> tuple[dict, dict | None]:
     def finish(policy, name, seed, threshold, run_dir):
         key = dict(policy=policy, variant=name, seed=seed, lr=args.lr,
                    threshold=threshold if policy == "bind" else None)
-        record = record_run(run_dir, args.steps, **key)
+        record = {**record_run(run_dir, args.steps, **key), "run": os.path.relpath(run_dir, out)}
         run_manifest.write_atomic(_record_path(args.records, policy, name, seed), json.dumps(record) + "\n")
         records[(policy, name, seed)] = record
 
