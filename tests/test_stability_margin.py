@@ -217,6 +217,17 @@ def test_the_grid_runs_only_the_deciding_cells_under_each_skip_policy(tmp_path, 
     sm.run_grid("vdvae", tmp_path, ["upstream", "off"], ["vanilla", "qfloor-cst1"], lrs, [0, 1], steps=4, stall_steps=5,
                 start=0.02, jobs=1, launch=_fake_launcher(outcomes, again))
     assert again == []
+    # on another machine the run folders are gone: the verdict records left beside them are enough
+    records = tmp_path / "records"
+    sm.run_grid("vdvae", tmp_path, ["upstream", "off"], ["vanilla", "qfloor-cst1"], lrs, [0, 1], steps=4,
+                stall_steps=5, start=0.02, jobs=1, launch=_fake_launcher(outcomes, again), records=records)
+    assert again == [] and len(list(records.rglob("seed*.json"))) == len(launched)
+    moved = tmp_path / "elsewhere"
+    cells_there = sm.run_grid("vdvae", moved, ["upstream", "off"], ["vanilla", "qfloor-cst1"], lrs, [0, 1], steps=4,
+                              stall_steps=5, start=0.02, jobs=1, launch=_fake_launcher(outcomes, again), records=records)
+    assert again == [] and not (moved / "runs").exists()
+    assert {p: {k: [r["verdict"] for r in v] for k, v in c.items()} for p, c in cells_there.items()} == \
+        {p: {k: [r["verdict"] for r in v] for k, v in c.items()} for p, c in cells.items()}
 
 
 def test_an_interrupted_run_is_started_over_and_a_launcher_that_dies_is_recorded(tmp_path, monkeypatch):

@@ -85,7 +85,11 @@ def next_rate(states: dict, lrs: list, start: float):
     return lrs[i + 1] if i + 1 < len(lrs) else None
 
 
-def _finished(run_dir: Path) -> bool:
+def _finished(run_dir: Path, records: Path | None = None) -> bool:
+    """Whether the run ended: its run.json says so, or (its folder gone) its verdict record is in ``records``."""
+    gone = not (run_dir / run_manifest.FILENAME).exists()
+    if records is not None and gone and _record_path(run_dir, records).exists():
+        return True
     try:
         status = run_manifest.read(run_dir / run_manifest.FILENAME).get("status", "")
     except (run_manifest.LaunchError, AttributeError):
@@ -93,13 +97,34 @@ def _finished(run_dir: Path) -> bool:
     return status.startswith(("completed", "stopped", "crashed"))
 
 
+def _record_path(run_dir: Path, records: Path) -> Path:
+    """A run's verdict record: ``records/skip-P/VARIANT/lrX/seedS.json``, mirroring the run's folder."""
+    return records.joinpath(*run_dir.parts[-4:]).with_suffix(".json")
+
+
+def judge(run_dir: Path, steps: int, records: Path | None = None) -> dict:
+    """The run's verdict from its folder; a finished run's is also saved in ``records`` (run folders do not
+    survive a move to another machine), and a run whose folder is gone is read from there."""
+    if records is not None and not (run_dir / run_manifest.FILENAME).exists():
+        path = _record_path(run_dir, records)
+        if path.exists():
+            return json.loads(path.read_text())
+    result = verdict.judge_dir(run_dir, steps)
+    if records is not None and _finished(run_dir):
+        path = _record_path(run_dir, records)
+        result = {**result, "run": str(Path(*run_dir.parts[-4:]))}
+        run_manifest.write_atomic(path, json.dumps(result) + "\n")
+    return result
+
+
 def _run_dir(out: Path, policy: str, name: str, lr: float, seed: int) -> Path:
     return out / "runs" / f"skip-{policy}" / name.replace("/", "_") / f"lr{lr:g}" / f"seed{seed}"
 
 
-def collect(out: Path, policies, names, lrs, seeds, steps: int) -> dict:
-    """``cells[policy][(variant, lr)]`` = one verdict per seed, from what is on disk."""
-    return {p: {(n, lr): [{"seed": s, **verdict.judge_dir(_run_dir(out, p, n, lr, s), steps)} for s in seeds]
+def collect(out: Path, policies, names, lrs, seeds, steps: int, records: Path | None = None) -> dict:
+    """``cells[policy][(variant, lr)]`` = one verdict per seed, from what is on disk (run folders, else
+    the verdict records)."""
+    return {p: {(n, lr): [{"seed": s, **judge(_run_dir(out, p, n, lr, s), steps, records)} for s in seeds]
                 for n in names for lr in lrs} for p in policies}
 
 
@@ -129,8 +154,9 @@ class _Searches:
     """Which run to start next: the (policy, variant) searches in priority order, each stepping through
     the grid as its cells finish; a cell that has started runs all its seeds (its count is x/seeds)."""
 
-    def __init__(self, out, policies, names, lrs, seeds, steps, start, every_cell):
+    def __init__(self, out, policies, names, lrs, seeds, steps, start, every_cell, records=None):
         self.out, self.lrs, self.seeds, self.steps, self.every_cell = out, lrs, seeds, steps, every_cell
+        self.records = records
         self.start = lrs[0] if start is None else min(lrs, key=lambda lr: abs(lr - start))
         self.searches = [(p, n) for n in names for p in policies]  # a variant under both policies, then the next
         self.known: dict = {}  # run dir -> verdict of a finished run (they do not change)
@@ -138,8 +164,8 @@ class _Searches:
     def _verdict(self, run_dir: Path) -> dict:
         if run_dir in self.known:
             return self.known[run_dir]
-        result = verdict.judge_dir(run_dir, self.steps)
-        if _finished(run_dir):
+        result = judge(run_dir, self.steps, self.records)
+        if _finished(run_dir, self.records):
             self.known[run_dir] = result
         return result
 
@@ -160,7 +186,7 @@ class _Searches:
         same rate, beside the one its own margin buys."""
         vanilla_margin = {}  # per policy, read from disk once per call
         for p, n in self.searches:
-            started = [lr for lr in self.lrs if any(_finished(d) or d in busy for d in
+            started = [lr for lr in self.lrs if any(_finished(d, self.records) or d in busy for d in
                                                     (_run_dir(self.out, p, n, lr, s) for s in self.seeds))]
             if self.every_cell:
                 cells = self.lrs
@@ -175,14 +201,14 @@ class _Searches:
             for lr in cells:
                 for s in self.seeds:
                     d = _run_dir(self.out, p, n, lr, s)
-                    if d not in busy and not _finished(d):
+                    if d not in busy and not _finished(d, self.records):
                         return p, n, lr, s
         return None
 
 
 def run_grid(target: str, out: Path, policies, names, lrs, seeds, steps: int, stall_steps: int, *, start=None,
              jobs: int = 2, extra=(), upstream=None, every_cell: bool = False, launch=_one,
-             stop_at_nonfinite: bool = False) -> dict:
+             stop_at_nonfinite: bool = False, records: Path | None = None) -> dict:
     """Run what is not finished yet, ``jobs`` runs at a time, the searches' runs in priority order (the
     variants as given, each under every policy: the first search's next run always goes first); returns
     :func:`collect`'s cells."""
@@ -192,7 +218,7 @@ def run_grid(target: str, out: Path, policies, names, lrs, seeds, steps: int, st
 
     tiny = importlib.import_module(f"vaepatch.targets.{target}.tiny")  # make_data, run_args, SKIP_POLICIES
     data = tiny.make_data(out / "data", steps)
-    searches = _Searches(out, policies, names, lrs, seeds, steps, start, every_cell)
+    searches = _Searches(out, policies, names, lrs, seeds, steps, start, every_cell, records)
     running: dict = {}  # future -> the run's folder
     codes = []
     bar = tqdm(desc=f"stability margin ({target}): runs", unit="run", file=sys.stderr)
@@ -222,7 +248,7 @@ def run_grid(target: str, out: Path, policies, names, lrs, seeds, steps: int, st
                 raise SystemExit(f"vaepatch bench stability-margin: the first {len(codes)} runs all failed to run; "
                                  f"the first one's output ({codes[0][1]}):\n{tail}")
     bar.close()
-    return collect(out, policies, names, lrs, seeds, steps)
+    return collect(out, policies, names, lrs, seeds, steps, records)
 
 
 def _parse(argv):
@@ -252,6 +278,8 @@ def _parse(argv):
     parser.add_argument("--stop-at-nonfinite", action="store_true",
                         help="smoke runs only: stop each run at its first non-finite loss and fail it there "
                              "(the upstream itself skips such a step and trains on)")
+    parser.add_argument("--records", help="folder of every finished run's verdict record (default OUT/records): a "
+                                          "run whose folder is gone is read from there, not run again")
     parser.add_argument("--report-only", action="store_true", help="only read OUT/runs and write the tables")
     args = parser.parse_args(argv)
     fill_defaults(args, DEFAULTS[args.target], {**QUICK, "skip": DEFAULTS[args.target]["skip"]})
@@ -287,13 +315,14 @@ def main(argv=None) -> int:
     except upstream.UpstreamError as err:
         print(f"vaepatch bench stability-margin: {err}", file=sys.stderr)
         return 2
+    records = Path(args.records).resolve() if args.records else out / "records"
     started = time.perf_counter()
     if args.report_only:
-        cells = collect(out, policies, names, lrs, seeds, args.steps)
+        cells = collect(out, policies, names, lrs, seeds, args.steps, records)
     else:
         cells = run_grid(args.target, out, policies, names, lrs, seeds, args.steps, args.stall_steps, start=args.start,
                          jobs=args.jobs, extra=extra, upstream=args.upstream, every_cell=args.every_cell,
-                         stop_at_nonfinite=args.stop_at_nonfinite)
+                         stop_at_nonfinite=args.stop_at_nonfinite, records=records)
     write(out, args, policies, names, lrs, seeds, extra, cells, time.perf_counter() - started)
     return 0
 
