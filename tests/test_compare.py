@@ -53,9 +53,10 @@ def test_markdown_and_csv_agree(tmp_path, capsys):
     _, md, _ = _compare(capsys, tmp_path)
     lines = md.splitlines()
     # no run had an AMP skip: that column is left out (it exists only on CUDA with AMP)
-    assert lines[0].startswith("| variant | runs | steps | NaN steps | high-grad skips | first NaN step |")
-    assert lines[2].startswith("| vanilla | 1 | 2 | 1 | 0 | 1 |")  # a variant with one run shows no ± part
-    assert lines[3].startswith("| explin | 1 | 2 | 0 | 1 | - |")
+    assert lines[0].startswith("| variant | runs | passed | steps | NaN steps | high-grad skips | first NaN step |")
+    # a variant with one run shows no ± part; each run's last step (its last tenth) was not applied
+    assert lines[2].startswith("| vanilla | 1 | 0/1 (mostly skipped 1) | 2 | 1 | 0 | 1 |")
+    assert lines[3].startswith("| explin | 1 | 0/1 (mostly skipped 1) | 2 | 0 | 1 | - |")
     _, text, _ = _compare(capsys, tmp_path, "--format", "csv")
     table = list(csv.DictReader(io.StringIO(text)))
     assert [(r["variant"], r["nan_steps_mean"], r["grad_skips_mean"]) for r in table] == [
@@ -294,3 +295,21 @@ def test_a_run_stalled_from_step_0_counts_as_stalled(tmp_path, capsys):
     _, md, _ = _compare(capsys, tmp_path)
     header, _, row = md.splitlines()[:3]
     assert header.rstrip(" |").endswith("| stalled") and row.endswith("| 2/3 (since step 0, 2) |")
+
+
+def test_each_run_is_judged_as_its_upstream_trains_and_the_report_stays_short(tmp_path, capsys):
+    """NaN steps a run recovers from are counted and it passes; one NaN-ing through its end fails; the
+    Markdown lists the five commonest places runs broke and says how many more there were."""
+    good = [(6.0 - i / 10, False, None) for i in range(20)]
+    recovers = list(good)
+    recovers[5] = recovers[6] = (NAN, True, "nan")
+    _run(tmp_path, "r0", "vanilla", 0, recovers, max_steps=20)
+    _run(tmp_path, "r1", "vanilla", 1, good[:18] + [(NAN, True, "nan")] * 2, max_steps=20)
+    _run(tmp_path, "r2", "vanilla", 2, good[:10], status="stopped at --max-steps 10", max_steps=20)
+    s = json.loads(_compare(capsys, tmp_path, "--format", "json")[1])[0]
+    assert s["verdicts"] == {"incomplete": 1, "mostly skipped": 1, "passed": 1} and s["nan_steps"]["mean"] == pytest.approx(4 / 3)
+    row = next(line for line in _compare(capsys, tmp_path)[1].splitlines() if line.startswith("| vanilla"))
+    assert row.split("|")[3].strip() == "1/3 (incomplete 1, mostly skipped 1)"
+    origins = {f"kl non-finite at block {i}: cause": 10 - i for i in range(8)}
+    lines = compare.provenance_lines([{"variant": "v", "nonfinite_origins": origins, "first_failures": []}])
+    assert len(lines) == 3 + 5 + 1 and lines[-1] == "  - 12 more in 3 other places (--format json lists all)"

@@ -45,6 +45,7 @@ class Run:
     loss_unit: str | None = None
     dims_per_image: int | None = None  # for a loss in nats/image (NVAE): bits/dim = loss / ln 2 / dims
     curve: list = field(default_factory=list, repr=False)  # (step, loss or None, skipped) per step
+    verdict: str = "not run"  # vaepatch.runs.verdict's word for the run, judged as its upstream trains
     problems: list[str] = field(default_factory=list)
 
     @property
@@ -136,6 +137,10 @@ def load_run(path) -> Run:
                                else _events.STALL_STEPS)
     run.curve = _verdict.curve(log.events)
     run.end_loss = _verdict.end_loss(run.curve)
+    asked = manifest.get("max_steps") or (run.curve[-1][0] + 1 if run.curve else 0)  # else: to its last step
+    run.verdict = _verdict.judge(log.events, manifest.get("status", "unknown"), asked,
+                                 stalled=manifest.get("stalled_since") is not None,
+                                 weights_finite=manifest.get("weights_finite"))["verdict"]
     return run
 
 
@@ -190,6 +195,7 @@ def summarize(runs: list[Run]) -> list[dict]:
             "variant": members[0].variant,
             "variant_spec": members[0].spec,
             "runs": len(members),
+            "verdicts": _merged([{r.verdict: 1} for r in members]),
             "steps": sum(c.steps for c in counts),
             "nan_steps": _stat([c.nan_steps for c in counts]),
             "grad_skips": _stat([c.grad_skips for c in counts]),
@@ -220,7 +226,7 @@ def _cell(stat: dict, runs: int, digits: str = ".4g") -> str:
     return text if stat["n"] == runs else f"{text} ({stat['n']}/{runs} runs)"
 
 
-COLUMNS = ("variant", "runs", "steps", "NaN steps", "high-grad skips", "AMP skips", "first NaN step",
+COLUMNS = ("variant", "runs", "passed", "steps", "NaN steps", "high-grad skips", "AMP skips", "first NaN step",
            "end loss", "eval loss (final)", "eval loss (best)", "bits/dim", "stalled")
 _KEYS = ("nan_steps", "grad_skips", "amp_skips", "first_nan_step", "end_loss", "eval_loss",
          "best_eval_loss", "bits_per_dim")
@@ -242,9 +248,19 @@ def _stalled_cell(s: dict) -> str:
     return f"{len(since)}/{s['runs']} (since step {', '.join(map(str, since))})"
 
 
+def _passed_cell(s: dict) -> str:
+    """'2/3' and, when some did not pass, how they ended: '2/3 (stalled 1)'."""
+    verdicts = s.get("verdicts", {})
+    others = ", ".join(f"{v} {n}" for v, n in verdicts.items() if v != "passed")
+    return f"{verdicts.get('passed', 0)}/{s['runs']}" + (f" ({others})" if others else "")
+
+
 def rows(summary: list[dict]) -> list[list[str]]:
-    return [[s["variant"], str(s["runs"]), str(s["steps"])] + [_cell(s[k], s["runs"]) for k in _KEYS]
+    return [[s["variant"], str(s["runs"]), _passed_cell(s), str(s["steps"])] + [_cell(s[k], s["runs"]) for k in _KEYS]
             + [_stalled_cell(s)] for s in summary]
+
+
+TOP_ORIGINS = 5  # origins listed per variant in the Markdown report
 
 
 def provenance_lines(summary: list[dict]) -> list[str]:
@@ -254,8 +270,11 @@ def provenance_lines(summary: list[dict]) -> list[str]:
         if not s["nonfinite_origins"] and not s["first_failures"]:
             continue
         lines.append(f"- **{s['variant']}**")
-        lines += [f"  - {n} non-finite step{'s' if n != 1 else ''}: {origin}"
-                  for origin, n in s["nonfinite_origins"].items()]
+        origins = list(s["nonfinite_origins"].items())
+        lines += [f"  - {n} non-finite step{'s' if n != 1 else ''}: {origin}" for origin, n in origins[:TOP_ORIGINS]]
+        if len(origins) > TOP_ORIGINS:  # a run that NaNs on hundreds of steps breaks in dozens of places
+            rest = sum(n for _, n in origins[TOP_ORIGINS:])
+            lines.append(f"  - {rest} more in {len(origins) - TOP_ORIGINS} other places (--format json lists all)")
         lines += [f"  - first failure (seed {f['seed']}): {f['failure']}" for f in s["first_failures"]]
     return ["", "Where runs broke:", *lines] if lines else []
 
@@ -280,7 +299,7 @@ def render(summary: list[dict], fmt: str = "md") -> str:
     # a column with nothing in any row (eval losses of runs without an eval) is left out, and so are AMP
     # skips when no run had one (they exist only on CUDA with AMP on)
     amp = COLUMNS.index("AMP skips")
-    keep = [i for i in range(len(COLUMNS)) if i < 3 or (any(s["amp_skips"]["mean"] for s in summary) if i == amp
+    keep = [i for i in range(len(COLUMNS)) if i < 4 or (any(s["amp_skips"]["mean"] for s in summary) if i == amp
                                                         else any(r[i] != "-" for r in table))]
     lines = markdown.table([COLUMNS[i] for i in keep], [[r[i] for i in keep] for r in table])
     return "\n".join(lines + provenance_lines(summary))
