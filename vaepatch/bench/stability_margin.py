@@ -241,7 +241,9 @@ def run_grid(target: str, out: Path, policies, names, lrs, seeds, steps: int, st
                 break
             done, _ = wait(running, return_when=FIRST_COMPLETED)
             for future in done:
-                codes.append((future.result(), running.pop(future) / "stdout.txt"))
+                run_dir = running.pop(future)
+                codes.append((future.result(), run_dir / "stdout.txt"))
+                judge(run_dir, steps, records)  # its verdict record lands now, not when the grid ends
                 bar.update(1)
             if len(codes) >= 2 * max(1, jobs) and all(code != 0 for code, _ in codes):
                 tail = Path(codes[0][1]).read_text()[-2000:] if Path(codes[0][1]).exists() else ""
