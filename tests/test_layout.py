@@ -164,7 +164,9 @@ def test_every_pin_has_a_target_folder_that_keeps_the_protocol():
     from vaepatch.runs import logs
 
     folders = {p.name for p in (PACKAGE / "targets").iterdir() if (p / "__init__.py").is_file()}
-    assert folders == set(upstream.PINS) == set(targets.NAMES)
+    assert folders == {n for n, p in upstream.PINS.items() if not p.library} == set(targets.NAMES)
+    assert all(need in upstream.PINS and upstream.PINS[need].library for n in targets.NAMES
+               for need in upstream.pin(n).needs)  # a target's libraries are pinned, and no targets
     for name in targets.NAMES:
         package = targets.package(name)
         assert package.NAME == name and "/" in package.REPO
@@ -176,8 +178,10 @@ def test_every_pin_has_a_target_folder_that_keeps_the_protocol():
         assert logs.for_target(name) is targets.part(name, "logs").UPSTREAM_LOG
         for bench, module in getattr(package, "BENCHES", {}).items():
             assert _within(module, f"vaepatch.targets.{name}") and callable(importlib.import_module(module).main), bench
-    with pytest.raises(ValueError, match="supported: vdvae, nvae"):
+    with pytest.raises(ValueError, match="supported: vdvae, nvae, effvdvae"):
         targets.package("efficient_vdvae")
+    with pytest.raises(ValueError, match="unknown target 'hparams'"):  # a library, no target
+        targets.package("hparams")
 
 
 @pytest.mark.parametrize("old", ["vaepatch.compat", "vaepatch.events", "vaepatch.launch", "vaepatch.launch_nvae"])

@@ -53,13 +53,19 @@ def test_packaged_pins_match_third_party():
 
 
 def test_real_pins():
-    assert set(upstream.PINS) == {"vdvae", "nvae"}
+    assert set(upstream.PINS) == {"vdvae", "nvae", "effvdvae", "hparams"}
     v = upstream.pin("vdvae")
     assert v.commit == "ea35b490313bc33e7f8ac63dd8132f3cc1a729b4"
     assert v.env == "VAEPATCH_VDVAE" and v.modules == ("vae_helpers", "vae")
     n = upstream.pin("nvae")
     assert n.commit == "9fc1a288fb831c87d93a4e2663bc30ccf9225b29"
     assert n.env == "VAEPATCH_NVAE" and n.modules == ("distributions", "model")
+    e = upstream.pin("effvdvae")
+    assert e.commit == "f779c40f24bbd69129bf477593baf4792f05147e" and e.needs == ("hparams",)
+    assert e.tree == ("efficient_vdvae_torch", "65d617e6fa223a0ec3576a6a173b58e4b00da5bf")
+    assert e.root == "efficient_vdvae_torch" and not e.library
+    h = upstream.pin("hparams")
+    assert h.commit == "549100f0fd0f77293e2b350536e7ec2eae32f507" and h.library and h.tree is None
 
 
 def test_unknown_target_lists_names():

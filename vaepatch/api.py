@@ -63,10 +63,10 @@ def _import_upstream(name, upstream, strict):
             raise
         warnings.warn(f"{name} clone at {path} is not the pinned commit or has local edits; "
                       "patching anyway (strict=False)", stacklevel=4)
-    _upstream.add_to_path(path)
+    _upstream.activate(name, path)  # the clone's import folder, and the libraries it needs
     try:
         modules = {m: importlib.import_module(m) for m in target.MODULES}
-    except ImportError as err:
+    except (ImportError, KeyError) as err:  # KeyError: Efficient-VDVAE's modules read a config loaded first
         raise _upstream.UpstreamError(f"importing the {name} clone at {path} failed: {err}\n"
                                       f"{getattr(target, 'IMPORT_HINT', '')}".rstrip()) from err
     for m, mod in modules.items():

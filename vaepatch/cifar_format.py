@@ -5,7 +5,7 @@ Smoke runs and the stress grid need a real upstream data pipeline without a down
 natural images (at 1x, 2x and 4x zoom-out, randomly flipped) with dummy labels, laid out as
 the real CIFAR-10 is (https://www.cs.toronto.edu/~kriz/cifar.html), so VDVAE's own loader
 reads it unchanged. VDVAE holds out 5000 training images for validation, so ``n_train``
-must be larger than that for VDVAE; NVAE validates on the test batch and takes any size.
+must be larger than that for VDVAE; NVAE and Efficient-VDVAE validate on the test batch and take any size.
 :func:`read` loads the format back (the CPU stand-in for torchvision's CIFAR10 uses it).
 """
 from __future__ import annotations
@@ -60,9 +60,10 @@ def _write_batch(path: Path, images: np.ndarray, label: str) -> None:
 
 
 def make(dest: str | Path, n_train: int = 6000, n_test: int = 500, seed: int = 0, for_target: str = "vdvae") -> Path:
-    """Write the dataset under ``dest``; returns ``dest`` (VDVAE's ``--data_root``, NVAE's ``--data``)."""
-    if for_target not in ("vdvae", "nvae"):
-        raise ValueError(f"for_target must be 'vdvae' or 'nvae', got {for_target!r}")
+    """Write the dataset under ``dest``; returns ``dest`` (VDVAE's ``--data_root``, NVAE's and
+    ``vaepatch run effvdvae``'s ``--data``)."""
+    if for_target not in ("vdvae", "nvae", "effvdvae"):
+        raise ValueError(f"for_target must be 'vdvae', 'nvae' or 'effvdvae', got {for_target!r}")
     if n_train < BATCHES:
         raise ValueError(f"n_train={n_train}: need at least {BATCHES} training images (one per batch file)")
     if for_target == "vdvae" and n_train <= VALIDATION_HOLDOUT:
@@ -115,8 +116,8 @@ def main(argv=None) -> int:
     parser.add_argument("dest", help="folder to write (becomes VDVAE's --data_root or NVAE's --data)")
     parser.add_argument("--train", type=int, default=6000,
                         help=f"training images (> {VALIDATION_HOLDOUT} for VDVAE, which holds that many out)")
-    parser.add_argument("--for", dest="for_target", choices=["vdvae", "nvae"], default="vdvae",
-                        help="which upstream will read it (NVAE takes any --train)")
+    parser.add_argument("--for", dest="for_target", choices=["vdvae", "nvae", "effvdvae"], default="vdvae",
+                        help="which upstream will read it (NVAE and Efficient-VDVAE take any --train)")
     parser.add_argument("--test", type=int, default=500)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)

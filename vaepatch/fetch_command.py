@@ -1,4 +1,6 @@
-"""``vaepatch fetch``: clone the pinned upstreams (``vaepatch.upstream.fetch``), or check the clones on disk."""
+"""``vaepatch fetch``: clone the pinned upstreams (``vaepatch.upstream.fetch``), or check the clones on disk.
+
+``vaepatch fetch NAME`` also fetches the libraries NAME's pin ``needs`` (Efficient-VDVAE's ``hparams``)."""
 from __future__ import annotations
 
 import argparse
@@ -28,6 +30,20 @@ def _sources(folder, names: list[str]) -> dict:
                          f"for each of {', '.join(names)}; missing: {', '.join(missing or names)}. "
                          "For one repository, name its target: vaepatch fetch NAME --source URL_OR_PATH")
     return found
+
+
+def _named_sources(target: str, source) -> dict:
+    """``vaepatch fetch NAME``: NAME and the libraries its pin ``needs``, each with its source. A ``--source``
+    folder holding ``<name>.bundle`` (or ``<name>``) serves each of them from there; a library is also found
+    beside a given bundle or clone (``DIR/hparams.bundle`` next to ``DIR/effvdvae.bundle``); else its URL."""
+    names = [target, *upstream.pin(target).needs]
+    if source is None:
+        return {n: None for n in names}
+    here = Path(source).expanduser()
+    folder = here if here.is_dir() else here.parent
+    found = {n: next((str(p) for p in (folder / f"{n}.bundle", folder / n) if p.exists()), None) for n in names}
+    own = found[target] if here.is_dir() and found[target] and not (here / ".git").exists() else str(source)
+    return {target: own, **{n: found[n] for n in names[1:]}}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -60,8 +76,8 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
         if args.check and (args.source or args.force):
             parser.error("--check fetches nothing; it takes no --source or --force")
-        names = targets if args.target == "all" else [args.target]
-        sources = _sources(args.source, names) if args.target == "all" else {args.target: args.source}
+        sources = _sources(args.source, targets) if args.target == "all" else _named_sources(args.target, args.source)
+        names = list(sources)
     except SystemExit as e:  # argparse exits on errors and --help; return the code instead
         return e.code if isinstance(e.code, int) else 2
     except ValueError as e:
@@ -69,8 +85,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     def dest_for(n: str) -> Path | None:
-        if args.dest is None:
-            return None
+        if args.dest is None or (args.target != "all" and n != args.target):
+            return None  # a library a named target needs goes to its own place
         return Path(args.dest) / n if args.target == "all" else Path(args.dest)
 
     if args.check:

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-__all__ = ["open_repo", "head", "modified_files", "has_commit", "bring_commit", "checkout"]
+__all__ = ["open_repo", "head", "modified_files", "has_commit", "bring_commit", "checkout", "tree_at",
+           "commit_with_tree"]
 
 
 def open_repo(path: Path):
@@ -77,3 +78,25 @@ def bring_commit(repo, source: str, commit: str) -> bool:
 def checkout(repo, commit: str) -> None:
     """Detached, forced checkout: also fills the work tree of a ``--no-checkout`` clone."""
     repo.git.checkout("--force", "--detach", commit)
+
+
+def tree_at(repo, commit: str, path: str) -> str | None:
+    """The id of the tree at ``path`` in ``commit`` (``git rev-parse COMMIT:PATH``), or None."""
+    import git
+
+    try:
+        return repo.git.rev_parse(f"{commit}:{path}")
+    except git.GitCommandError:
+        return None
+
+
+def commit_with_tree(repo, path: str, tree: str) -> str | None:
+    """The newest commit reachable from any ref whose ``path`` is the tree ``tree``, or None: one pin can
+    name the code (a folder's tree) rather than the commit, so a repackaged history is accepted too."""
+    import subprocess
+
+    commits = repo.git.rev_list("--all").split()
+    # one git call for all of them: "<id> tree <size>" per commit, "<spec> missing" where the path is absent
+    answers = subprocess.run(["git", "--git-dir", repo.git_dir, "cat-file", "--batch-check"], check=True, text=True,
+                             input="".join(f"{c}:{path}\n" for c in commits), capture_output=True).stdout.splitlines()
+    return next((c for c, line in zip(commits, answers) if line.split()[:2] == [tree, "tree"]), None)

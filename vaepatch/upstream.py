@@ -1,4 +1,5 @@
-"""Pinned upstream clones (openai/vdvae, NVlabs/NVAE): where they live, fetching, verifying.
+"""Pinned upstream clones (openai/vdvae, NVlabs/NVAE, Efficient-VDVAE and the libraries they import):
+where they live, fetching, verifying.
 
 vaepatch never vendors or edits upstream code. It patches the upstream modules at runtime, and
 every patch is written against one exact commit, so this module makes sure the clone on disk is
@@ -21,29 +22,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vaepatch import git_clone
-
-try:
-    import tomllib
-except ModuleNotFoundError:  # Python < 3.11
-    import tomli as tomllib
+from vaepatch.pins import Pin, load_pins
 
 __all__ = [
     "Pin", "PINS", "pin", "UpstreamError", "Status", "repo_root", "default_dest", "fetch",
-    "status", "check", "locate", "verify", "add_to_path",
+    "status", "check", "locate", "verify", "add_to_path", "activate",
 ]
-
-PINS_FILE = Path(__file__).with_name("upstream_pins.toml")
-
-
-@dataclass(frozen=True)
-class Pin:
-    """One upstream codebase at the exact commit vaepatch's patches were written for."""
-
-    name: str
-    url: str
-    commit: str
-    env: str
-    modules: tuple[str, ...]
 
 
 class UpstreamError(RuntimeError):
@@ -53,21 +37,7 @@ class UpstreamError(RuntimeError):
     """
 
 
-def _load_pins(path: Path = PINS_FILE) -> dict[str, Pin]:
-    """Read the pins file; a malformed entry is a bug in the package, so fail loudly."""
-    with open(path, "rb") as f:
-        data = tomllib.load(f)
-    pins = {}
-    for name, entry in data.items():
-        commit = str(entry["commit"]).lower()
-        if len(commit) != 40 or any(c not in "0123456789abcdef" for c in commit):
-            raise ValueError(f"{path}: [{name}] commit must be a full 40-hex sha, got {commit!r}")
-        pins[name] = Pin(name=name, url=entry["url"], commit=commit, env=entry["env"],
-                         modules=tuple(entry["modules"]))
-    return pins
-
-
-PINS: dict[str, Pin] = _load_pins()
+PINS: dict[str, Pin] = load_pins()
 
 
 def pin(name: str) -> Pin:
@@ -161,6 +131,19 @@ def add_to_path(path: str | os.PathLike) -> None:
         sys.path.insert(0, entry)
 
 
+def activate(name: str, path: str | os.PathLike) -> None:
+    """Make the clone of ``name`` at ``path`` importable: its pin's ``root`` folder and the verified clone of
+    each library it ``needs`` go first on ``sys.path``."""
+    p = pin(name)
+    for need in p.needs:
+        where = locate(need)
+        if where is None:
+            raise UpstreamError(f"{name} imports {need} ({pin(need).url}), and there is no clone of it at "
+                                f"{default_dest(need)} (nor ${pin(need).env}).\nrun: vaepatch fetch {need}")
+        add_to_path(verify(where, need))
+    add_to_path(Path(path) / p.root)
+
+
 # --------------------------------------------------------------------------- git helpers
 
 def _git():
@@ -192,7 +175,26 @@ def _missing_commit_error(p: Pin, source: str, dest: Path, force: bool) -> Upstr
     else:
         fix = f"run: {_fetch_cmd(p.name, dest, force=force, source=p.url)}"
     return UpstreamError(
-        f"{source} does not contain {p.name}'s pinned commit {p.commit}.\n{fix}")
+        f"{source} does not contain {p.name}'s pinned commit {p.commit}{_tree_words(p)}.\n{fix}")
+
+
+def _tree_words(p: Pin) -> str:
+    return f" (nor any commit whose {p.tree[0]}/ is the pinned tree {p.tree[1]})" if p.tree else ""
+
+
+def _at_pin(repo, p: Pin) -> bool:
+    """HEAD is the pinned commit, or (a pin with a tree) a commit holding the pinned tree."""
+    head = git_clone.head(repo)
+    return head == p.commit or (p.tree is not None and head is not None
+                                and git_clone.tree_at(repo, head, p.tree[0]) == p.tree[1])
+
+
+def _bring_pin(repo, source: str, p: Pin) -> str | None:
+    """The commit to check out for ``p``, brought in from ``source``: the pinned one, else (a tree pin)
+    the newest commit there whose folder is the pinned tree; None if the source has neither."""
+    if git_clone.bring_commit(repo, source, p.commit):
+        return p.commit
+    return git_clone.commit_with_tree(repo, *p.tree) if p.tree else None
 
 
 # --------------------------------------------------------------------------- verify / status
@@ -217,9 +219,10 @@ def verify(path: str | os.PathLike, name: str, allow_dirty: bool = False) -> Pat
             f"{name}: {path} is not a git checkout, so its commit cannot be checked.\n"
             f"Move it aside, then run: vaepatch fetch {name} --dest {q}")
     head = git_clone.head(repo)
-    if head != p.commit:
+    if not _at_pin(repo, p):
+        found = f"; its {p.tree[0]}/ is tree {git_clone.tree_at(repo, head, p.tree[0])}" if p.tree and head else ""
         raise UpstreamError(
-            f"{name}: {path} is at commit {head}, but vaepatch is pinned to {p.commit}.\n"
+            f"{name}: {path} is at commit {head}{found}, but vaepatch is pinned to {p.commit}{_tree_words(p)}.\n"
             f"run: {_fetch_cmd(name, path, force=True)}\n"
             f"  or: git -C {q} checkout {p.commit}")
     modified = git_clone.modified_files(repo)
@@ -256,10 +259,12 @@ def status(name: str, path: str | os.PathLike | None = None) -> Status:
     path = Path(path).expanduser() if path is not None else _configured_path(name)
     present = path.exists()
     commit = dirty = None
+    at_pin = False
     repo = _open_repo(path) if path.is_dir() else None
     if repo is not None:
         commit = git_clone.head(repo)
         dirty = bool(git_clone.modified_files(repo))
+        at_pin = _at_pin(repo, p)
     try:
         verify(path, name)
         message, state = "ok", "ok"
@@ -269,7 +274,7 @@ def status(name: str, path: str | os.PathLike | None = None) -> Status:
             state = "missing"
         elif repo is None:
             state = "not a git checkout"
-        elif commit != p.commit:
+        elif not at_pin:
             state = "wrong commit"
         else:
             state = "dirty"
@@ -324,17 +329,24 @@ def fetch(name: str, source: str | os.PathLike | None = None,
                 f"{name}: could not clone {source}: {(e.stderr or str(e)).strip()}\n"
                 f"Offline? Fetch from a local clone or bare mirror instead:\n"
                 f"run: {_fetch_cmd(name, dest, source='/path/to/clone-or-mirror')}") from None
-        if not git_clone.bring_commit(repo, source, p.commit):
+        commit = _bring_pin(repo, source, p)
+        if commit is None:
             raise _missing_commit_error(p, source, dest, False)
-        git_clone.checkout(repo, p.commit)
+        git_clone.checkout(repo, commit)
         repo.close()
         os.replace(tmp, dest)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     verify(dest, name)
-    print(f"{name}: checked out pinned commit {p.commit[:12]} at {dest}")
+    print(f"{name}: checked out pinned {_pinned_words(p, commit)} at {dest}")
     return dest.resolve()
+
+
+def _pinned_words(p: Pin, commit: str) -> str:
+    if commit == p.commit:
+        return f"commit {p.commit[:12]}"
+    return f"commit {commit[:12]}, whose {p.tree[0]}/ is the tree of upstream's {p.commit[:12]} ({p.tree[1][:12]})"
 
 
 def _update_existing(p: Pin, source: str, dest: Path, force: bool) -> Path:
@@ -344,20 +356,22 @@ def _update_existing(p: Pin, source: str, dest: Path, force: bool) -> Path:
         # Never delete a directory we did not create, even with --force.
         verify(dest, p.name)  # raises "not a git checkout" with the fix
     head, modified = git_clone.head(repo), git_clone.modified_files(repo)
-    if head == p.commit and not modified:
-        print(f"{p.name}: already at pinned commit {p.commit[:12]} ({dest})")
+    if _at_pin(repo, p) and not modified:
+        print(f"{p.name}: already at pinned {_pinned_words(p, head)} ({dest})")
         return dest.resolve()
     if not force:
         verify(dest, p.name)  # raises: wrong commit or dirty, with the fix
     if modified:
         print(f"{p.name}: --force: discarding modifications to tracked files in {dest}: "
               f"{', '.join(modified)}")
-    if head != p.commit:
+    commit = head
+    if not _at_pin(repo, p):
         print(f"{p.name}: --force: moving {dest} from {head} to {p.commit} (from {source})")
-        if not git_clone.bring_commit(repo, source, p.commit):
+        commit = _bring_pin(repo, source, p)
+        if commit is None:
             raise _missing_commit_error(p, source, dest, True)
-    git_clone.checkout(repo, p.commit)
+    git_clone.checkout(repo, commit)
     repo.close()
     verify(dest, p.name)
-    print(f"{p.name}: checked out pinned commit {p.commit[:12]} at {dest}")
+    print(f"{p.name}: checked out pinned {_pinned_words(p, commit)} at {dest}")
     return dest.resolve()

@@ -1,8 +1,9 @@
 """The registry of upstreams: one package per upstream under ``vaepatch/targets/``, one pin each.
 
 Adding an upstream is one folder ``vaepatch/targets/<name>/`` plus its ``[<name>]`` entry in
-``upstream_pins.toml`` (and ``third_party/UPSTREAM.toml``). The folder provides, by convention
-(the way Hugging Face transformers finds ``modeling_<name>.py``), and imports no other target:
+``upstream_pins.toml`` (and ``third_party/UPSTREAM.toml``), with a ``library = true`` entry for each
+library its code imports that vaepatch fetches too (Efficient-VDVAE's ``hparams``). The folder provides,
+by convention (the way Hugging Face transformers finds ``modeling_<name>.py``), and imports no other target:
 
 - ``__init__.py``: ``NAME`` (the pin's name), ``REPO`` ("owner/name"), ``MODULES`` (the upstream's
   top-level modules the patch needs, imported in this order), optionally ``IMPORT_HINT`` (what to do
@@ -25,7 +26,7 @@ from vaepatch.runs import logs
 
 __all__ = ["NAMES", "package", "part", "benches"]
 
-NAMES = tuple(upstream.PINS)  # one target per pin, in the pins file's order
+NAMES = tuple(n for n, p in upstream.PINS.items() if not p.library)  # one per pin that is no library
 PARTS = ("patch", "shims", "launch", "logs")
 
 
