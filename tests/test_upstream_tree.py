@@ -61,7 +61,7 @@ def test_the_real_commit_is_taken_where_the_source_has_it(repackaged):
 def test_a_repackaged_commit_with_the_pinned_tree_is_accepted(repackaged, capsys):
     dest = upstream.fetch("toy", source=repackaged["sources"] / "toy.bundle")
     assert _head(dest) == repackaged["repackaged"]  # not the bundle's tip c2
-    assert "whose pkg/ is the tree" in capsys.readouterr().out
+    assert "whose pkg/ is the pinned tree" in capsys.readouterr().out
     assert upstream.verify(dest, "toy") == dest
     assert upstream.status("toy").state == "ok"
     assert upstream.fetch("toy", source=repackaged["sources"] / "toy.bundle") == dest  # already there: a no-op

@@ -339,14 +339,14 @@ def fetch(name: str, source: str | os.PathLike | None = None,
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     verify(dest, name)
-    print(f"{name}: checked out pinned {_pinned_words(p, commit)} at {dest}")
+    print(f"{name}: checked out {_pinned_words(p, commit)} at {dest}")
     return dest.resolve()
 
 
 def _pinned_words(p: Pin, commit: str) -> str:
     if commit == p.commit:
-        return f"commit {p.commit[:12]}"
-    return f"commit {commit[:12]}, whose {p.tree[0]}/ is the tree of upstream's {p.commit[:12]} ({p.tree[1][:12]})"
+        return f"pinned commit {p.commit[:12]}"
+    return f"commit {commit[:12]}, whose {p.tree[0]}/ is the pinned tree {p.tree[1][:12]} (of {p.commit[:12]})"
 
 
 def _update_existing(p: Pin, source: str, dest: Path, force: bool) -> Path:
@@ -357,7 +357,7 @@ def _update_existing(p: Pin, source: str, dest: Path, force: bool) -> Path:
         verify(dest, p.name)  # raises "not a git checkout" with the fix
     head, modified = git_clone.head(repo), git_clone.modified_files(repo)
     if _at_pin(repo, p) and not modified:
-        print(f"{p.name}: already at pinned {_pinned_words(p, head)} ({dest})")
+        print(f"{p.name}: already at {_pinned_words(p, head)} ({dest})")
         return dest.resolve()
     if not force:
         verify(dest, p.name)  # raises: wrong commit or dirty, with the fix
@@ -373,5 +373,5 @@ def _update_existing(p: Pin, source: str, dest: Path, force: bool) -> Path:
     git_clone.checkout(repo, commit)
     repo.close()
     verify(dest, p.name)
-    print(f"{p.name}: checked out pinned {_pinned_words(p, commit)} at {dest}")
+    print(f"{p.name}: checked out {_pinned_words(p, commit)} at {dest}")
     return dest.resolve()
