@@ -1,11 +1,12 @@
 """`vaepatch bench stability-margin`: up to which learning rate does each variant still train?
 
-The real upstream (VDVAE by default, ``--target nvae``) through ``vaepatch run TARGET --cpu`` on a
+The real upstream (VDVAE by default, ``--target nvae`` or ``effvdvae``) through ``vaepatch run TARGET --cpu`` on a
 tiny configuration, per variant x learning rate x seed, for ``--steps`` steps (any configuration:
 upstream flags after ``--`` are appended and win), under each ``--skip`` policy: ``upstream`` (the
 upstream's own rule: VDVAE skips an update whose gradient norm exceeds 400) and ``off`` (VDVAE's
 ``--skip_threshold -1``; a step with a NaN loss is still not applied, one with an infinite loss then
-is). NVAE has no skip rule.
+is). NVAE has no skip rule. Efficient-VDVAE skips an update whose gradient norm is NaN or at least 800;
+``off`` is its ``optimizer.gradient_skip=False``, which then applies every step.
 
 Each run is judged by where it ends, the way its upstream trains it (``vaepatch.runs.verdict``): a
 step the upstream does not apply (VDVAE skips a NaN loss; NVAE's grad scaler a non-finite gradient) is
@@ -53,7 +54,10 @@ DEFAULTS = {"vdvae": dict(lrs="0.005:0.16:6", start=0.02, seeds="0,1,2", steps=1
                           skip="both"),
             "nvae": dict(lrs="0.0316,0.1,0.316,1,1.3,3.16,10", start=0.316, seeds="0,1,2", steps=1000, stall_steps=100,
                          variants="vanilla,qfloor-cst1,qfloor-floor,upbounded1-cst1,upbounded1-floor,upbounded1,"
-                                  "softplus-ln2", skip="upstream")}
+                                  "softplus-ln2", skip="upstream"),
+            # Efficient-VDVAE trains with Adamax at 1e-3 (its CIFAR-10 baseline); softplus-ln2 is its own sigma
+            "effvdvae": dict(lrs="0.001:0.1:5", start=0.01, seeds="0,1,2", steps=1000, stall_steps=100,
+                             variants=VARIANTS, skip="both")}
 QUICK = dict(lrs="0.001:0.1:2", start=0.001, seeds="0", steps=4, stall_steps=3, variants="vanilla,upbounded1")
 
 
