@@ -2,9 +2,10 @@
 train at, how many steps does each variant NaN on, how many updates does VDVAE's skip rule throw
 away, does any run stall, and where does it end?
 
-The real openai/vdvae (tiny configuration, ``vaepatch run vdvae --cpu``), every variant at one
-learning rate (``--lr``, default 0.01: the rate every variant trains at on the tiny model), seeds
-0-2, ``--steps`` steps (default 5,000), under two skip policies:
+The real openai/vdvae (tiny configuration, ``vaepatch run vdvae --cpu``; ``--target effvdvae``: Efficient-VDVAE,
+whose rule skips at a gradient norm of 800), every variant at one learning rate (``--lr``, default 0.01 for VDVAE:
+the rate every variant trains at on the tiny model; 0.001 for Efficient-VDVAE: its own), seeds 0-2, ``--steps``
+steps (default 5,000), under two skip policies:
 
 - ``bind``: a gradient-norm threshold placed where it binds at this scale. VDVAE's own 400 never
   binds on the tiny model (its gradient norm's 99th percentile is ~20-30), so the threshold is
@@ -24,6 +25,7 @@ of the list first, so a partial grid is balanced.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import math
 import os
@@ -45,7 +47,8 @@ from vaepatch.variant import Variant, split_list
 __all__ = ["calibrate", "record_run", "load_records", "order", "main"]
 
 PRIORITY = ("vanilla", "upbounded1", "upbounded1-cst1", "explin-cst1", "qfloor-cst1")
-DEFAULTS = dict(steps=5000, lr=0.01, seeds="0,1,2", skip="bind,off", quantile=0.001, stall_steps=100,
+LRS = {"vdvae": 0.01, "effvdvae": 0.001}  # --lr's default per --target
+DEFAULTS = dict(steps=5000, seeds="0,1,2", skip="bind,off", quantile=0.001, stall_steps=100,
                 variants=",".join(PRIORITY + ("explin", "vanilla-cst1", "upbounded1-floor")))
 QUICK = dict(steps=30, seeds="0", variants="vanilla,upbounded1", stall_steps=20)
 CALIBRATION = ("off", "vanilla", 0)  # the run the threshold is read from: (policy, variant, seed)
@@ -150,16 +153,16 @@ def run(args, out: Path, launch=margin._one) -> tuple[dict, dict | None]:
     (records, calibration)."""
     from tqdm import tqdm
 
-    from vaepatch.targets.vdvae import tiny
+    tiny = importlib.import_module(f"vaepatch.targets.{args.target}.tiny")  # make_data, run_args, the rules
 
     data = tiny.make_data(out / "data", args.steps)
     args.records.mkdir(parents=True, exist_ok=True)
     records = load_records(args.records)
 
     def command(policy, name, seed, threshold):
-        policies = {"off": ["--skip_threshold", "-1"], "bind": ["--skip_threshold", repr(threshold)]}
+        policies = {policy: tiny.SKIP_POLICIES["off"] if policy == "off" else tiny.threshold_args(threshold)}
         run_dir = margin._run_dir(out, policy, name, args.lr, seed)
-        return run_dir, margin._command("vdvae", tiny, run_dir, data, policy, name, args.lr, seed, args.steps,
+        return run_dir, margin._command(args.target, tiny, run_dir, data, policy, name, args.lr, seed, args.steps,
                                         args.stall_steps, args.extra, args.upstream, skip_policies=policies)
 
     def finish(policy, name, seed, threshold, run_dir):
@@ -181,7 +184,7 @@ def run(args, out: Path, launch=margin._one) -> tuple[dict, dict | None]:
             if not (job in records and _matches(records[job], args, calibration and calibration["threshold"]))]
     if calibration is None and "bind" in args.policies:  # read from vanilla's rule-off run: that one first
         jobs.sort(key=lambda job: job != CALIBRATION)
-    bar = tqdm(total=len(jobs), desc="skip counts (vdvae): runs", unit="run", file=sys.stderr)
+    bar = tqdm(total=len(jobs), desc=f"skip counts ({args.target}): runs", unit="run", file=sys.stderr)
     running: dict = {}
 
     def startable(job) -> bool:  # a bind run waits for the threshold; while it is unknown, rule-off runs go
@@ -223,7 +226,9 @@ def _parse(argv):
     parser = argparse.ArgumentParser(prog="vaepatch bench skip-counts", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog=__doc__.split("\n\n", 1)[1] + f"\ndefaults: {DEFAULTS}; --quick: {QUICK}")
-    parser.add_argument("--out", default="vaepatch-skip-counts", help="folder for data, runs, table and figure")
+    parser.add_argument("--target", choices=sorted(LRS), default="vdvae", help="the upstream (default vdvae)")
+    parser.add_argument("--out", help="folder for data, runs, table and figure (default vaepatch-skip-counts, "
+                                      "-TARGET for another target)")
     parser.add_argument("--records", help="folder of the verdict records (default OUT/records): runs recorded "
                                           "there are not run again")
     parser.add_argument("--quick", action="store_true", help="smoke size (a few minutes); explicit flags still win")
@@ -237,10 +242,10 @@ def _parse(argv):
     parser.add_argument("--stall-steps", type=int, help="a run with this many steps in a row without an update is "
                                                         "stalled (stopped, failed)")
     parser.add_argument("--jobs", type=int, default=2, help="runs at once, one thread each")
-    parser.add_argument("--upstream", help="the VDVAE clone (default: $VAEPATCH_VDVAE, then third_party/vdvae)")
+    parser.add_argument("--upstream", help="the clone (default: $VAEPATCH_<TARGET>, then third_party/<target>)")
     parser.add_argument("--report-only", action="store_true", help="only read the records and write table and figure")
     args = parser.parse_args(argv)
-    fill_defaults(args, DEFAULTS, QUICK)
+    fill_defaults(args, {**DEFAULTS, "lr": LRS[args.target]}, QUICK)
     args.extra = extra
     try:
         args.names = split_list(args.variants)
@@ -264,7 +269,7 @@ def _parse(argv):
 
 def main(argv=None) -> int:
     args = _parse(list(sys.argv[1:] if argv is None else argv))
-    out = Path(args.out).resolve()
+    out = Path(args.out or "vaepatch-skip-counts" + ("" if args.target == "vdvae" else f"-{args.target}")).resolve()
     args.records = Path(args.records).resolve() if args.records else out / "records"
     started = time.perf_counter()
     if args.report_only:
@@ -275,9 +280,9 @@ def main(argv=None) -> int:
         from vaepatch import upstream
 
         try:
-            if upstream.locate("vdvae", args.upstream) is None:
-                print("vaepatch bench skip-counts: no vdvae clone found; this bench runs the real upstream. "
-                      "run: vaepatch fetch vdvae", file=sys.stderr)
+            if upstream.locate(args.target, args.upstream) is None:
+                print(f"vaepatch bench skip-counts: no {args.target} clone found; this bench runs the real upstream. "
+                      f"run: vaepatch fetch {args.target}", file=sys.stderr)
                 return 2
         except upstream.UpstreamError as err:
             print(f"vaepatch bench skip-counts: {err}", file=sys.stderr)

@@ -11,8 +11,8 @@ import torch
 
 from vaepatch import cifar_format
 
-__all__ = ["ONE_BLOCK_PER_RESOLUTION", "TRAIN_ARGS", "SKIP_POLICIES", "TINY", "cifar10_hparams", "tiny_hparams",
-           "tiny_vae", "cifar10_vae", "batch"]
+__all__ = ["ONE_BLOCK_PER_RESOLUTION", "TRAIN_ARGS", "SKIP_POLICIES", "threshold_args", "TINY", "cifar10_hparams",
+           "tiny_hparams", "tiny_vae", "cifar10_vae", "batch"]
 
 ONE_BLOCK_PER_RESOLUTION = dict(
     dec_blocks="1x1,4m1,8m4,16m8,32m16",
@@ -28,6 +28,12 @@ TRAIN_ARGS = ["--hps", "cifar10", "--width", "32", "--zdim", "8", "--n_batch", "
 # own setting). VDVAE's train.py never applies a step whose loss is NaN; with the rule off it does apply
 # one whose loss is infinite (it checks only isnan; an inf loss was skipped through its gradient norm).
 SKIP_POLICIES = {"upstream": [], "off": ["--skip_threshold", "-1"]}
+
+
+def threshold_args(threshold: float) -> list:
+    """train.py arguments that skip an update whose gradient norm exceeds ``threshold`` (the skip-counts bench's
+    calibrated rule)."""
+    return ["--skip_threshold", repr(threshold)]
 TINY = dict(width=32, zdim=8, n_batch=16, **ONE_BLOCK_PER_RESOLUTION)
 
 
