@@ -83,7 +83,17 @@ def loaded():
 def load(folder: Path):
     """``HParams(folder, name="efficient_vdvae")``, as train.py does with ``folder`` its working directory: reads
     ``folder/hparams.cfg`` (or, resuming, the copy it archived in ``folder/logs-<run.name>``). One per process."""
-    from hparams import HParams  # the library's clone on sys.path (vaepatch.upstream.activate)
+    try:
+        from hparams import HParams
+    except ModuleNotFoundError:  # not on sys.path yet: the located clone's library (vaepatch fetch effvdvae)
+        from vaepatch import upstream
+
+        clone = upstream.locate("effvdvae")
+        if clone is None:
+            raise upstream.UpstreamError("no effvdvae clone to find its config library hparams in.\n"
+                                         "run: vaepatch fetch effvdvae") from None
+        upstream.activate("effvdvae", clone)
+        from hparams import HParams
 
     if loaded() is not None:
         raise ValueError("an Efficient-VDVAE configuration is already loaded in this process; its modules hold it, "
