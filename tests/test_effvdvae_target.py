@@ -16,7 +16,8 @@ from vaepatch.targets.effvdvae import patch as effvdvae_patch
 from vaepatch.targets.effvdvae.provenance import blocks
 
 PIN = "f779c40f24bbd69129bf477593baf4792f05147e"
-REPLACED = [("model.layers", "LevelBlockDown", "sampler"), ("model.layers", "LevelBlockDown", "get_analytical_distribution"),
+REPLACED = [("model.layers", "LevelBlockDown", "sampler"),
+            ("model.layers", "LevelBlockDown", "get_analytical_distribution"),
             ("model.latent_layers", "GaussianLatentLayer", "forward"), ("model.losses", None, "calculate_std_loss"),
             ("model.losses", None, "calculate_logstd_loss")]
 

@@ -28,6 +28,7 @@ the KL. OU smoothing is not implemented for this target.
 """
 from __future__ import annotations
 
+import functools
 import warnings
 
 import torch
@@ -76,7 +77,11 @@ class _ScaledExp:
 
 def upstream_scale(hparams):
     """Upstream's own parameterization under the loaded configuration ``hparams``."""
-    beta, base = float(hparams.model.gradient_smoothing_beta), hparams.model.distribution_base
+    return _upstream_scale(hparams.model.distribution_base, float(hparams.model.gradient_smoothing_beta))
+
+
+@functools.lru_cache(maxsize=8)
+def _upstream_scale(base: str, beta: float):
     if base == "std":
         return scales.get(f"softplus({beta!r})")
     if base == "logstd":
