@@ -14,7 +14,7 @@ import torch
 from tests.effvdvae_support import require_effvdvae
 from vaepatch import run_command, upstream
 from vaepatch.runs import events
-from vaepatch.targets.effvdvae import tiny
+from vaepatch.targets.effvdvae import config, tiny
 from vaepatch.targets.effvdvae.recorder import StepRecorder
 
 CPU_SHIMS = {"cpu-cuda-calls", "cpu-cuda-tensors", "cpu-calculate-z", "cpu-gpu-count", "cpu-set-device", "cpu-gloo",
@@ -116,7 +116,7 @@ def test_threshold_skips_and_nan_skips_are_counted_apart(tmp_path):
 
 
 def test_what_the_launcher_refuses_it_says(tmp_path, data, capsys):
-    require_effvdvae()
+    clone = require_effvdvae()
     base = ["effvdvae", "--variant", "vanilla", "--cpu", "--max-steps", "1"]
     assert run_command.main([*base, "--out", str(tmp_path / "a"), "--", "optimizer.learning_rat=0.1"]) == 2
     assert "no key 'learning_rat' in [optimizer]" in capsys.readouterr().err
@@ -124,6 +124,11 @@ def test_what_the_launcher_refuses_it_says(tmp_path, data, capsys):
     assert "section.key=value" in capsys.readouterr().err
     assert run_command.main([*base, "--out", str(tmp_path / "c"), "--", *tiny.TRAIN_ARGS]) == 2
     assert "pass --data DIR" in capsys.readouterr().err
+    earlier = tmp_path / "e" / "logs-tiny"  # an attempt that left its archived config and no checkpoint
+    config.write(config.base_config(clone), config.parse_overrides([*tiny.TRAIN_ARGS, "optimizer.learning_rate=0.5"]),
+                 earlier).rename(earlier / "hparams-tiny.cfg")
+    assert run_command.main([*base, "--out", str(tmp_path / "e"), "--data", str(data), "--", *tiny.TRAIN_ARGS]) == 2
+    assert "config of an earlier attempt" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # argparse's error: --data is effvdvae's
         run_command.main(["vdvae", "--variant", "vanilla", "--out", str(tmp_path / "d"), "--data", str(data)])
     assert "--data is for `vaepatch run effvdvae`" in capsys.readouterr().err

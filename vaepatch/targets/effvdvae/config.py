@@ -13,7 +13,7 @@ import configparser
 import io
 from pathlib import Path
 
-__all__ = ["NAME", "FILENAME", "base_config", "parse_overrides", "write", "load", "loaded", "unload"]
+__all__ = ["NAME", "FILENAME", "base_config", "parse_overrides", "write", "values", "load", "loaded", "unload"]
 
 NAME = "efficient_vdvae"  # the name train.py loads its configuration under
 FILENAME = "hparams.cfg"
@@ -70,6 +70,22 @@ def write(base: Path, overrides: dict, folder: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text.getvalue())
     return path
+
+
+def values(path: Path) -> dict:
+    """``{(section, key): value}`` of a config file, each value as hparams reads it (a Python literal, or the
+    text itself: ``run.name`` and words such as ``std``), without loading it."""
+    import ast
+
+    parser = _parser(Path(path).read_text())
+    out = {}
+    for section in parser.sections():
+        for key, text in parser.items(section):
+            try:
+                out[(section, key)] = text if key == "name" else ast.literal_eval(text)
+            except (ValueError, SyntaxError):
+                out[(section, key)] = text
+    return out
 
 
 def loaded():

@@ -73,9 +73,9 @@ def _isolated(roots):
                 del sys.modules[name]
 
 
-def _check_config(hparams, data, out: Path) -> None:
-    """What would fail late or mix two runs, before train.py starts."""
-    if hparams.data.dataset_source == "cifar-10":
+def _check_config(settings: dict, data, out: Path) -> None:
+    """What would fail late or mix two runs, from the written config (``config.values``) before it is loaded."""
+    if settings[("data", "dataset_source")] == "cifar-10":
         if data is None:
             raise LaunchError("Efficient-VDVAE's CIFAR-10 loader downloads it through tensorflow; vaepatch reads "
                               "CIFAR-10's python batches from a folder instead: pass --data DIR "
@@ -84,10 +84,17 @@ def _check_config(hparams, data, out: Path) -> None:
         missing = cifar_format.missing(data)
         if missing:
             raise LaunchError(f"no CIFAR-10 under --data {data}: missing {', '.join(missing)}")
-    checkpoint = out / f"checkpoints-{hparams.run.name}"
+    name = settings[("run", "name")]
+    checkpoint, archived = out / f"checkpoints-{name}", out / f"logs-{name}" / f"hparams-{name}.cfg"
     if (out / EVENTS).exists() and not checkpoint.exists():
         raise LaunchError(f"{out / EVENTS} already has steps from an earlier attempt and there is no checkpoint "
                           f"({checkpoint}) to continue from: its steps would mix two trajectories. Use a new --out.")
+    if archived.exists() and config.values(archived) != settings:
+        if not checkpoint.exists():  # hparams would read the archived config and drop the new settings
+            raise LaunchError(f"{archived} is the config of an earlier attempt in {out}, and Efficient-VDVAE would "
+                              "train with it instead of this run's settings: use a new --out (or remove it)")
+        print(f"vaepatch: continuing from {checkpoint}: Efficient-VDVAE resumes with its archived config "
+              f"{archived}, not this run's settings", flush=True)
 
 
 def _same_config(hparams):
@@ -130,7 +137,7 @@ def run_effvdvae(variant: str, out: str | os.PathLike, train_args: list[str], *,
         if cpu:
             overrides.setdefault(("run", "num_gpus"), str(world))  # on a CPU: the number of processes
         try:
-            config.write(base, overrides, out)
+            _check_config(config.values(config.write(base, overrides, out)), data, out)
         except ValueError as e:
             raise LaunchError(str(e)) from None
         upstream.activate("effvdvae", location)
@@ -138,7 +145,6 @@ def run_effvdvae(variant: str, out: str | os.PathLike, train_args: list[str], *,
         installed = [shims.install(cpu, data)]
         try:
             hparams = config.load(out)
-            _check_config(hparams, data, out)
             model_module = importlib.import_module("model.model")
             installed.append(shims.install_after_import(cpu))
             return _run(resolved, variant, out, train_args, location, hparams, model_module, installed, rank, world,
