@@ -268,17 +268,17 @@ def test_quick_grid_end_to_end_on_the_real_vdvae(tmp_path):
     for cell in ran:
         (run,) = cell["runs"]
         assert run["steps"] == 4 and run["status"].startswith("stopped")
-        log = events.read(run["run"]).events
+        log = events.read(out / run["run"]).events  # records name a run from the grid's folder
         assert all(isinstance(e["kl"], float) and "posterior" in e["scale"] for e in log)
         # what VDVAE itself parsed (its log's hparam lines): the policy reached upstream's train.py
         hparams = {}
-        for line in (next(iter((Path(run["run"]) / "vdvae").glob("*/log.jsonl")))).read_text().splitlines():
+        for line in (next(iter((out / run["run"] / "vdvae").glob("*/log.jsonl")))).read_text().splitlines():
             record = json.loads(line)
             if record.get("type") == "hparam":
                 hparams[record["key"]] = record["value"]
         assert hparams["skip_threshold"] == (-1 if cell["skip"] == "off" else 400)
     assert (out / "margin.png").stat().st_size > 1000 and "| `vanilla` |" in (out / "margin.md").read_text()
-    first = next(c["runs"][0]["run"] for c in ran)
-    before = (Path(first) / "events.jsonl").stat().st_mtime
+    first = out / next(c["runs"][0]["run"] for c in ran)
+    before = (first / "events.jsonl").stat().st_mtime
     assert sm.main(["--quick", "--out", str(out)]) == 0  # resumed: every run was finished
-    assert (Path(first) / "events.jsonl").stat().st_mtime == before
+    assert (first / "events.jsonl").stat().st_mtime == before

@@ -116,7 +116,7 @@ def judge(run_dir: Path, steps: int, records: Path | None = None) -> dict:
     result = verdict.judge_dir(run_dir, steps)
     if records is not None and _finished(run_dir):
         path = _record_path(run_dir, records)
-        result = {**result, "run": str(Path(*run_dir.parts[-4:]))}
+        result = {**result, "run": str(Path(*run_dir.parts[-5:]))}  # runs/skip-P/VARIANT/lrX/seedS: from OUT
         run_manifest.write_atomic(path, json.dumps(result) + "\n")
     return result
 
