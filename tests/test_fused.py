@@ -58,3 +58,28 @@ def test_fused_functions_sharing_code_each_keep_their_compiled_versions(caplog):
             eager = _head_map_like(scales.get(spec))
             torch.testing.assert_close(fused(eager)(x), eager(x), rtol=1e-6, atol=1e-6)
     assert not [r for r in caplog.records if "recompile_limit" in r.getMessage()], caplog.text
+
+
+def test_the_fused_node_matches_the_eager_node_at_extreme_inputs():
+    """What fuse=True runs: the block math's node with its forward and backward compiled
+    (``blockmath.block_math(..., wrap=fused)``), against the eager node, values and gradients."""
+    from vaepatch import blockmath
+
+    torch.manual_seed(0)
+    raw = torch.tensor([-1e4, -200.0, -80.0, -1.0, 0.0, 1e-7, 1.0, 80.0, 1e4])
+    qv, pv = torch.meshgrid(raw, raw, indexing="ij")
+    qm, pm, eps = torch.randn_like(qv), torch.randn_like(qv), torch.randn_like(qv)
+    post, prior = scales.get("upbounded1"), scales.get("explin")
+    results = []
+    for wrap in (None, fused):
+        leaves = [t.clone().requires_grad_(True) for t in (qm, qv, pm, pv)]
+        z, kl = blockmath.block_math(post, prior, wrap=wrap)(*leaves, eps)
+        finite = torch.isfinite(kl)
+        (z.sum() + kl[finite].sum()).backward()
+        results.append((z.detach(), kl.detach(), [leaf.grad for leaf in leaves]))
+    (z_e, kl_e, g_e), (z_f, kl_f, g_f) = results
+    torch.testing.assert_close(z_f, z_e, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(kl_f, kl_e, rtol=1e-6, atol=1e-6)  # inf in the same places (a KL beyond float32)
+    for a, b in zip(g_f, g_e):  # NaN in the same places too: a zero gradient times an infinite derivative
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6, equal_nan=True)
+        assert torch.isfinite(a[torch.isfinite(kl_e)]).all()

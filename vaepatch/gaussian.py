@@ -17,7 +17,7 @@ from torch.distributions import Normal, constraints, register_kl
 
 from vaepatch.precision import float32_math
 
-_HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
+HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
 
 
 def _inv_scale(log_scale: torch.Tensor) -> torch.Tensor:
@@ -52,7 +52,7 @@ def kl(loc1, log_scale1, loc2, log_scale2):
 def log_prob(x, loc, log_scale):
     """log N(x; loc, exp(log_scale)), elementwise (16-bit inputs computed in float32)."""
     z = (x - loc) * _inv_scale(log_scale)
-    return -0.5 * z * z - log_scale - _HALF_LOG_2PI
+    return -0.5 * z * z - log_scale - HALF_LOG_2PI
 
 
 def rsample(loc, scale, eps=None):
@@ -64,7 +64,7 @@ def rsample(loc, scale, eps=None):
 
 def entropy(log_scale):
     """Differential entropy of N(., exp(log_scale))."""
-    return log_scale + (0.5 + _HALF_LOG_2PI)
+    return log_scale + (0.5 + HALF_LOG_2PI)
 
 
 class StableNormal(Normal):

@@ -9,8 +9,9 @@ soft-clamps mu and log sigma to +-5, adds 0.01 to sigma, stores only sigma and t
 - ``distributions.Normal.__init__``: keeps upstream's soft clamp of mu, and stores sigma *and*
   an exact log sigma (``self.sigma``, ``self.log_sigma``); temperature multiplies sigma;
 - ``distributions.Normal.log_p`` / ``Normal.kl``: ``vaepatch.gaussian.log_prob`` / ``kl`` on
-  (mu, log sigma): no log of sigma, no log of a ratio. The flow path (``num_nf > 0``, where the
-  KL is ``log_q - log_p``) goes through ``log_p`` and is covered by it;
+  (mu, log sigma), each one autograd node (``vaepatch.blockmath``): no log of sigma, no log of a
+  ratio. The flow path (``num_nf > 0``, where the KL is ``log_q - log_p``) goes through ``log_p``
+  and is covered by it;
 - ``distributions.NormalDecoder.__init__`` (wrapped): its Normal takes the variant's ``decoder``
   scale from the raw output;
 - ``model.AutoEncoder.forward`` / ``AutoEncoder.sample`` (wrapped): for the duration of the
@@ -45,8 +46,9 @@ reads its raw scale through the posterior parameterization. The discretized-logi
 decoders (``DiscLogistic``, ``DiscMixLogistic``) are left alone, and so are ``Normal.sample``
 and ``sample_given_eps`` (they only read ``self.mu`` / ``self.sigma``).
 
-``fuse=True`` compiles (``vaepatch.compiled.fused``) each head's mapping to log sigma, the KL and
-the log density: on a GPU a few fused kernels per group instead of one launch per elementwise pass.
+``fuse=True`` compiles (``vaepatch.compiled.fused``) the math of each head's mapping to log sigma, of the
+KL and of the log density (each node's forward and backward): on a GPU a few fused kernels per group
+instead of one launch per elementwise pass, and the same tensors kept for backward as eager.
 
 With ``ou`` set (Pervez & Gavves), each training forward also records the decoder's path with
 hooks and gives every prior Normal but the top one its OU-smoothed mean and scale
@@ -64,7 +66,7 @@ import weakref
 
 import torch
 
-from vaepatch import gaussian, scales
+from vaepatch import blockmath, scales
 from vaepatch.compiled import fused
 from vaepatch.patching import Patch, PatchError
 from vaepatch.targets.nvae import ou as nvae_ou
@@ -97,16 +99,19 @@ def _layout(x):
 
 
 def _head_map(scale, fuse):
-    """(mean, raw scale) head output -> (mean, exact log sigma) under ``scale``; compiled with ``fuse``."""
+    """(mean, raw scale) head output -> (mean, exact log sigma) under ``scale``. Log sigma is one node keeping
+    only its derivative (``blockmath.log_scale_math``; autograd's form kept the head output and the form's
+    intermediates, more than vanilla keeps), its math compiled with ``fuse``."""
+    log_sigma = blockmath.log_scale_math(scale, wrap=fused if fuse else None)
 
     def head_map(output):
         mean, raw = torch.chunk(output, 2, dim=1)
-        mapped = torch.cat([mean, scale(raw)[1]], dim=1)
+        mapped = torch.cat([mean, log_sigma(raw)], dim=1)
         # In the head output's memory layout (NVAE runs channels_last), as vanilla keeps it: some forms'
         # ops return contiguous tensors, and the convolutions downstream round differently per layout.
         return mapped.contiguous(memory_format=_layout(output))
 
-    return fused(head_map) if fuse else head_map
+    return head_map
 
 
 def _head_hook(head_map):
@@ -186,8 +191,9 @@ def build(variant, modules, fuse=False):
     prior = variant.prior or UPSTREAM_SCALE
     decoder = variant.decoder or UPSTREAM_SCALE
     heads = (_head_map(posterior, fuse), _head_map(prior, fuse))  # fuse: each head's mapping compiled
-    kl_math = fused(gaussian.kl) if fuse else gaussian.kl  # and the KL and log density
-    log_prob_math = fused(gaussian.log_prob) if fuse else gaussian.log_prob
+    # the KL and the log density: one node each, keeping fewer tensors than vanilla; compiled with ``fuse``
+    kl_math = blockmath.kl_math(wrap=fused if fuse else None)
+    log_prob_math = blockmath.log_prob_math(wrap=fused if fuse else None)
 
     original_decoder_init = distributions.NormalDecoder.__dict__["__init__"]
     original_forward = model.AutoEncoder.__dict__["forward"]

@@ -52,8 +52,8 @@ _pass = threading.local()  # .chain: {"previous": the last block's OUSource} wit
 def build(variant, modules, fuse=False):
     """The patches for ``variant`` on the imported upstream ``modules`` (dict name -> module).
 
-    ``fuse=True`` runs each block's elementwise math (both scales, the draw, the KL) as one
-    ``torch.compile``d function: fused kernels instead of ~25 separate passes over memory.
+    ``fuse=True`` compiles each block's elementwise math (both scales, the draw, the KL; the one node's
+    forward and backward) with ``torch.compile``: fused kernels instead of separate passes over memory.
     """
     vae_helpers, vae = modules["vae_helpers"], modules["vae"]
     posterior = variant.posterior or UPSTREAM_SCALE
@@ -64,16 +64,9 @@ def build(variant, modules, fuse=False):
                       stacklevel=3)
     smoothing = variant.ou if variant.ou is not None and variant.ou.rho < 1 else None
 
-    def draw_and_kl(qm, qv, pm, pv, eps):
-        """z ~ q and KL(q || p) from the raw head outputs: all of a block's elementwise math, one
-        autograd node (``vaepatch.blockmath``)."""
-        return blockmath.draw_and_kl(qm, qv, pm, pv, eps, posterior, prior)
-
-    def draw_and_kl_traced(qm, qv, pm, pv, eps):
-        """The same through autograd, for torch.compile to fuse forward and backward."""
-        return blockmath.draw_and_kl_autograd(qm, qv, pm, pv, eps, posterior, prior)
-
-    block_math = fused(draw_and_kl_traced) if fuse else draw_and_kl
+    # z ~ q and KL(q || p) from the raw head outputs: all of a block's elementwise math, one autograd node
+    # (``vaepatch.blockmath``); fused, the node's forward and backward are compiled and it keeps the same tensors
+    block_math = blockmath.block_math(posterior, prior, wrap=fused if fuse else None)
 
     def sample(self, x, acts):
         """Posterior draw and stable KL for one block (replaces DecBlock.sample)."""
