@@ -18,6 +18,7 @@ commands:
   bench ou-collapse  Pervez & Gavves Table 1 at CPU scale: MLP hierarchy, vanilla vs OU-smoothed prior
   bench phase      their Figure 1: top-layer KL against rho, with the critical rho
   bench ou-cost    step time and memory of OU smoothing (K = 5, 10) vs plain, beside the FLOP ratio
+  bench activation-memory  bytes held for backward per variant, patched / vanilla, eager and fused (needs clones)
   bench gpu        the GPU check: VDVAE/NVAE step time, AMP skips, the launchers' CUDA path, OU cost (--dry-run: CPU)
   compare DIR...   NaN steps and skipped updates per variant, from runs' events
   run vdvae        upstream train.py with a variant applied, every step logged (mpiexec -n N for ranks)
@@ -51,6 +52,7 @@ def _bench(argv) -> int:
     benches = {"numerics": "vaepatch.bench.numerics", **targets.benches(), "overfit": "vaepatch.bench.overfit",
                "decoder-variance": "vaepatch.bench.decoder_variance", "ou-collapse": "vaepatch.bench.ou_collapse",
                "phase": "vaepatch.bench.ou_phase", "ou-cost": "vaepatch.bench.ou_cost",
+               "activation-memory": "vaepatch.bench.cost.activation_memory",
                "stability-margin": "vaepatch.bench.stability_margin", "skip-counts": "vaepatch.bench.skip_counts",
                "gpu": "vaepatch.bench.gpu"}
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in benches:

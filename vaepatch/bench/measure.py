@@ -7,11 +7,13 @@ On CUDA, :func:`cuda_peak` reads the caching allocator's own peak.
 """
 from __future__ import annotations
 
+import ctypes
+import weakref
 from pathlib import Path
 
 import torch
 
-__all__ = ["counted_flops", "saved_bytes", "cuda_peak", "rss_now_and_peak"]
+__all__ = ["counted_flops", "saved_bytes", "cuda_peak", "rss_now_and_peak", "rss_rise"]
 
 
 def _conv_backward_flops(grad_out_shape, x_shape, w_shape, _bias, _stride, _padding, _dilation, transposed,
@@ -39,23 +41,39 @@ def counted_flops(step_fn) -> int:
 
 
 # -- memory ------------------------------------------------------------------------------------
+class _Kept:
+    """What the pack hook hands autograd: the saved tensor, with a weak reference to tell when autograd let go."""
+
+    __slots__ = ("tensor", "__weakref__")
+
+    def __init__(self, tensor):
+        self.tensor = tensor
+
+
 def saved_bytes(loss_fn, parameters) -> int:
-    """Bytes of the tensors autograd saves for backward while ``loss_fn()`` runs (each storage once,
-    parameters excluded); the graph is freed afterwards without a backward."""
+    """Bytes of the tensors autograd holds for backward once ``loss_fn()`` has run: each storage once (a
+    view holds its whole storage), parameters excluded; the graph is freed afterwards without a backward.
+
+    Exact: a tensor saved by a node that was freed before the end (an unused result's) is not counted,
+    and storages are told apart while all are alive, so a freed one's address reused is no confusion.
+    Tensors a custom autograd Function keeps as ``ctx`` attributes, not through ``save_for_backward``,
+    are not seen."""
     skip = {p.untyped_storage().data_ptr() for p in parameters}
-    seen = {}
+    kept = []
 
     def pack(t):
-        if t.device.type == "cpu" and t.layout == torch.strided:
-            s = t.untyped_storage()
-            if s.data_ptr() not in skip:
-                seen[s.data_ptr()] = s.nbytes()
-        return t
+        box = _Kept(t.detach())  # the same storage; t itself would keep its node alive (an output it saved)
+        if t.layout == torch.strided and t.device.type != "meta" and t.untyped_storage().data_ptr() not in skip:
+            kept.append(weakref.ref(box))
+        return box
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda box: box.tensor):
         loss = loss_fn()
+    alive = [t for t in (ref() for ref in kept) if t is not None]  # while ``loss`` holds the graph
+    storages = {(box.tensor.device, box.tensor.untyped_storage().data_ptr()): box.tensor.untyped_storage().nbytes()
+                for box in alive}
     del loss
-    return sum(seen.values())
+    return sum(storages.values())
 
 
 def cuda_peak(fn, device) -> dict:
@@ -75,3 +93,21 @@ def rss_now_and_peak():
     """(current, peak) resident set in bytes from /proc/self/status; the peak resets with clear_refs."""
     fields = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
     return 1024 * int(fields["VmRSS"].split()[0]), 1024 * int(fields["VmHWM"].split()[0])
+
+
+def rss_rise(fn):
+    """How far the peak resident set rises above the current one while ``fn()`` runs, in bytes; None where
+    ``/proc/self/clear_refs`` is missing (not Linux). Freed heap memory goes back to the system first
+    (glibc's ``malloc_trim``), so the rise is what ``fn`` allocates, not only what it adds to what an
+    earlier call left in the allocator's free lists; the peak is reset through clear_refs."""
+    clear = Path("/proc/self/clear_refs")
+    if not clear.exists():
+        return None
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: the rise may miss reused memory
+        pass
+    clear.write_text("5")
+    before, _ = rss_now_and_peak()
+    fn()
+    return rss_now_and_peak()[1] - before

@@ -17,7 +17,7 @@ import torch
 from vaepatch import cifar_format
 
 __all__ = ["TINY_ARGS", "ARCH", "BATCH", "ADAMAX", "SKIP_POLICIES", "nvae_on_cpu", "tiny_args", "tiny_nvae", "batch",
-           "train_step"]
+           "train_step", "training_loss"]
 
 # NVAE's own argument names (train.py), made small; with the CIFAR-10 flags of its README
 # (--use_se --res_dist --num_nf 1 --weight_decay_norm 1e-2).
@@ -88,10 +88,18 @@ def batch(n=BATCH, seed=0):
 
 def train_step(model, optimizer, x, alpha_i, global_step):
     """One NVAE training step (train.py's, on CPU in float32): (seconds, loss)."""
-    import utils
-
     optimizer.zero_grad()
     t0 = time.perf_counter()
+    loss = training_loss(model, x, alpha_i, global_step)
+    loss.backward()
+    optimizer.step()
+    return time.perf_counter() - t0, loss.item()
+
+
+def training_loss(model, x, alpha_i, global_step):
+    """The loss train.py back-propagates at ``global_step``: the forward of :func:`train_step`."""
+    import utils
+
     logits, log_q, log_p, kl_all, kl_diag = model(x)
     output = model.decoder_output(logits)
     kl_coeff = utils.kl_coeff(global_step, KL_ANNEAL_PORTION * NOMINAL_ITERS, KL_CONST_PORTION * NOMINAL_ITERS,
@@ -101,10 +109,7 @@ def train_step(model, optimizer, x, alpha_i, global_step):
     loss = torch.mean(recon_loss + balanced_kl)
     norm_loss = model.spectral_norm_parallel()
     bn_loss = model.batchnorm_loss()
-    loss = loss + norm_loss * WEIGHT_DECAY_NORM + bn_loss * WEIGHT_DECAY_NORM
-    loss.backward()
-    optimizer.step()
-    return time.perf_counter() - t0, loss.item()
+    return loss + norm_loss * WEIGHT_DECAY_NORM + bn_loss * WEIGHT_DECAY_NORM
 
 
 # NVAE's smallest model through its own train.py: 4 channels, 2 scales x 2 groups of 2 latents, one
