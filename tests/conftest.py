@@ -1,6 +1,12 @@
 """Fixtures shared by the test files."""
+import os
+
 import pytest
 import torch
+
+if os.environ.get("PYTEST_XDIST_WORKER"):  # one worker per core (pytest -n): one thread each, subprocesses too
+    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
 
 from tests.nvae_support import nvae_imported, require_nvae
 

@@ -166,7 +166,7 @@ def test_smoke_script_runs_nvae_end_to_end_then_skips_what_completed(tmp_path):
     result = subprocess.run(script, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     table = result.stdout[result.stdout.index("| variant |"):]
-    assert "| upbounded1-cst1 | 1 | 8 | 0 |" in table
+    assert "| upbounded1-cst1 | 1 | 1/1 | 8 | 0 |" in table  # one run, passed, 8 steps, no NaN step
     run = out / "upbounded1-cst1-seed0"
     manifest = _manifest(run)
     assert manifest["status"] == "completed" and "--res_dist" in manifest["argv"]
