@@ -111,6 +111,8 @@ def test_the_report_puts_the_papers_row_beside_ours_and_draws_the_figure(tmp_pat
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert cells[1] == "2 of 2" and cells[3] == "2 ± 0" and cells[4] == "0"  # NaN steps 2 in both, no stall
     assert cells[-3:] == ["22 ± 9", "13 ± 3", "2.014 ± 0.009"]  # the paper's Table 4 row
+    header = next(line for line in text.splitlines() if line.startswith("| variant"))
+    assert all(line.count("|") == header.count("|") for line in text.splitlines() if line.startswith("| `"))
     summary = json.loads((tmp_path / "grid" / "skip_counts.json").read_text())
     assert summary["rows"]["off"]["upbounded1"]["grad_skips"]["mean"] == 0
     assert summary["meta"]["runs_wall_seconds"] == 8 * 60.0

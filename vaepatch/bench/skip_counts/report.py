@@ -51,7 +51,7 @@ def table_lines(records: dict, policy: str, names: list, seeds: list) -> list:
     for name in names:
         s = summarize(records, policy, name, seeds)
         if not s["runs"]:
-            rows.append([f"`{name}`", f"0 of {s['of']} (not run)", "", "", "", "", "", *_paper(name)])
+            rows.append([f"`{name}`", f"0 of {s['of']} (not run)", *["—"] * 6, *_paper(name)])
             continue
         failed = ", ".join(f"{k} {v}" for k, v in sorted(s["failures"].items())) or "none"
         end = _pm(s["end_nelbo"]) + (f" ({s['end_nelbo']['n']} passed)" if s["end_nelbo"]["n"] < s["runs"] else "")
@@ -65,7 +65,7 @@ def table_lines(records: dict, policy: str, names: list, seeds: list) -> list:
 
 
 def _paper(name: str) -> list:
-    return list(paper_tables.TABLE4.get(name, ("", "", "")))
+    return list(paper_tables.TABLE4.get(name, ("not in the paper", "—", "—")))
 
 
 def plot(records: dict, policies: list, names: list, seeds: list, steps: int, path: Path, title: str) -> None:
