@@ -15,6 +15,7 @@ import textwrap
 from pathlib import Path
 
 from vaepatch import markdown
+from vaepatch.bench import mean_std
 
 __all__ = ["cell_summary", "step_counts", "provenance", "cell_state", "margins", "grid_lines", "margin_lines",
            "broke_lines", "plot", "fmt_lr"]
@@ -34,14 +35,6 @@ def cell_state(runs: list) -> str | None:
     return True
 
 
-def _stat(values: list) -> dict:
-    values = [v for v in values if v is not None]
-    if not values:
-        return {"mean": None, "std": None, "n": 0}
-    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-            "n": len(values)}
-
-
 def cell_summary(runs: list) -> dict:
     """What a cell's seeds did: state, failures by verdict, end NELBO of the passing runs (mean, std, n),
     spikes (runs with one, total, the largest ratio and its step), skips, non-finite steps."""
@@ -54,7 +47,7 @@ def cell_summary(runs: list) -> dict:
     not_run = sum(r["verdict"] == "not run" for r in runs)
     return {"state": cell_state(runs), "n_runs": len(runs), "not_run": not_run,
             "failed": sum(not r["passed"] for r in runs) - not_run,
-            "failures": verdicts, "end_nelbo": _stat([r["end_nelbo"] for r in runs if r["passed"]]),
+            "failures": verdicts, "end_nelbo": mean_std([r["end_nelbo"] for r in runs if r["passed"]]),
             "spikes": {"runs_with_spikes": len(spiky), "count": sum(s["count"] for s in spiky),
                        "max_ratio": worst["max_ratio"] if worst else None,
                        "max_step": worst["max_step"] if worst else None},

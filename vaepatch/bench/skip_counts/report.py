@@ -7,20 +7,13 @@ import statistics
 from pathlib import Path
 
 from vaepatch import markdown
+from vaepatch.bench import mean_std
 from vaepatch.bench import paper_tables
 from vaepatch.runs import manifest as run_manifest
 
 __all__ = ["summarize", "table_lines", "plot", "write"]
 
 POLICY_WORDS = {"bind": "skip rule at the calibrated threshold", "off": "skip rule off (NaN steps still skipped)"}
-
-
-def _stat(values: list) -> dict:
-    values = [v for v in values if v is not None]
-    if not values:
-        return {"mean": None, "std": None, "n": 0}
-    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-            "n": len(values)}
 
 
 def summarize(records: dict, policy: str, name: str, seeds: list) -> dict:
@@ -31,10 +24,10 @@ def summarize(records: dict, policy: str, name: str, seeds: list) -> dict:
     for r in runs:
         if not r["passed"]:
             failures[r["verdict"]] = failures.get(r["verdict"], 0) + 1
-    return {"runs": len(runs), "of": len(seeds), "grad_skips": _stat([r["grad_skips"] for r in runs]),
-            "nan_steps": _stat([r["nan_steps"] for r in runs]),
+    return {"runs": len(runs), "of": len(seeds), "grad_skips": mean_std([r["grad_skips"] for r in runs]),
+            "nan_steps": mean_std([r["nan_steps"] for r in runs]),
             "stalled": sum(r["verdict"] == "stalled" for r in runs), "failures": failures,
-            "end_nelbo": _stat([r["end_nelbo"] for r in runs if r["passed"]]),
+            "end_nelbo": mean_std([r["end_nelbo"] for r in runs if r["passed"]]),
             "applied_min": min((r["applied_share"] for r in runs if r["applied_share"] is not None), default=None),
             "wall_seconds": sum(r.get("wall_seconds") or 0 for r in runs)}
 
