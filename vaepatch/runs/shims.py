@@ -22,7 +22,7 @@ from vaepatch.patching import Patch, PatchSet
 
 __all__ = ["CompatError", "Shim", "needed", "install", "Installed", "put_modules", "importable", "stand_in",
            "MissingPackage", "NumpyAcceptingGenerators", "patches", "on_cpu", "install_cuda_calls",
-           "install_set_device", "install_gloo"]
+           "install_set_device", "install_gloo", "Compose", "RandomHorizontalFlip"]
 
 
 class CompatError(RuntimeError):
@@ -37,6 +37,33 @@ class Shim:
     fixes: str  # the upstream line it keeps from breaking, for run.json and the README
     needed: Callable[[bool], bool]
     install: Callable[[], Callable[[], None]]
+
+
+# -- torchvision transforms stand-ins (the two the upstreams' CIFAR-10 loaders use) --------------------
+
+class Compose:
+    """torchvision.transforms.Compose stand-in: applies the transforms in order."""
+
+    def __init__(self, transforms):
+        self.transforms = list(transforms)
+
+    def __call__(self, image):
+        for transform in self.transforms:
+            image = transform(image)
+        return image
+
+
+class RandomHorizontalFlip:
+    """Flips a PIL image left-right with probability ``p``, drawing from torch's RNG as torchvision does."""
+
+    def __init__(self, p=0.5):
+        self.p = p
+
+    def __call__(self, image):
+        import torch
+        from PIL import Image
+
+        return image.transpose(Image.FLIP_LEFT_RIGHT) if torch.rand(1) < self.p else image
 
 
 # -- sys.modules stand-ins ---------------------------------------------------------------

@@ -18,8 +18,9 @@ import types
 from typing import Callable
 
 from vaepatch.patching import Patch
-from vaepatch.runs.shims import (CompatError, MissingPackage, Shim, importable, install_cuda_calls, install_gloo,
-                                 install_set_device, on_cpu, patches, put_modules, stand_in)
+from vaepatch.runs.shims import (CompatError, Compose, MissingPackage, RandomHorizontalFlip, Shim, importable,
+                                 install_cuda_calls, install_gloo, install_set_device, on_cpu, patches, put_modules,
+                                 stand_in)
 
 __all__ = ["SHIMS", "BEFORE_IMPORT", "AFTER_IMPORT", "LOAD_SHIMS", "install", "install_after_import",
            "install_for_load"]
@@ -66,33 +67,10 @@ def _install_tensorflow() -> Callable[[], None]:
     return _put({"tensorflow": stand_in("tensorflow", keras=keras)})
 
 
-class _Compose:
-    def __init__(self, transforms):
-        self.transforms = list(transforms)
-
-    def __call__(self, image):
-        for transform in self.transforms:
-            image = transform(image)
-        return image
-
-
-class _RandomHorizontalFlip:
-    """Flips a PIL image left-right with probability ``p``, drawing from torch's RNG as torchvision does."""
-
-    def __init__(self, p=0.5):
-        self.p = p
-
-    def __call__(self, image):
-        import torch
-        from PIL import Image
-
-        return image.transpose(Image.FLIP_LEFT_RIGHT) if torch.rand(1) < self.p else image
-
-
 def _install_torchvision() -> Callable[[], None]:
     transforms = MissingPackage("torchvision.transforms", "torchvision is not importable here; vaepatch's stand-in "
                                                           "has only Compose and RandomHorizontalFlip")
-    transforms.Compose, transforms.RandomHorizontalFlip = _Compose, _RandomHorizontalFlip
+    transforms.Compose, transforms.RandomHorizontalFlip = Compose, RandomHorizontalFlip
     return _put({"torchvision": stand_in("torchvision", transforms=transforms), "torchvision.transforms": transforms})
 
 

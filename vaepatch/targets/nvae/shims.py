@@ -13,9 +13,9 @@ import importlib
 from typing import Callable
 
 from vaepatch.patching import Patch
-from vaepatch.runs.shims import (MissingPackage, NumpyAcceptingGenerators, Shim, importable,
-                                 install_cuda_calls, install_gloo, install_set_device, on_cpu, patches, put_modules,
-                                 stand_in)
+from vaepatch.runs.shims import (Compose, MissingPackage, NumpyAcceptingGenerators, RandomHorizontalFlip, Shim,
+                                 importable, install_cuda_calls, install_gloo, install_set_device, on_cpu, patches,
+                                 put_modules, stand_in)
 
 __all__ = ["SHIMS", "install"]
 
@@ -60,7 +60,7 @@ def _install_torchvision_nvae() -> Callable[[], None]:
             setattr(modules[parent], child, module)
     # What NVAE's default dataset needs, working: cifar10 = CIFAR10 + Compose(RandomHorizontalFlip, ToTensor)
     modules["torchvision.datasets"].CIFAR10 = Cifar10Reader
-    for public, transform in (("Compose", _Compose), ("RandomHorizontalFlip", _RandomHorizontalFlip),
+    for public, transform in (("Compose", Compose), ("RandomHorizontalFlip", RandomHorizontalFlip),
                               ("ToTensor", _ToTensor)):
         setattr(modules["torchvision.transforms"], public, transform)
     return put_modules(modules)
@@ -88,29 +88,6 @@ class Cifar10Reader:
         if self.target_transform is not None:
             label = self.target_transform(label)
         return image, label
-
-
-class _Compose:
-    def __init__(self, transforms):
-        self.transforms = list(transforms)
-
-    def __call__(self, image):
-        for transform in self.transforms:
-            image = transform(image)
-        return image
-
-
-class _RandomHorizontalFlip:
-    """Flips a PIL image left-right with probability ``p``, drawing from torch's RNG as torchvision does."""
-
-    def __init__(self, p=0.5):
-        self.p = p
-
-    def __call__(self, image):
-        import torch
-        from PIL import Image
-
-        return image.transpose(Image.FLIP_LEFT_RIGHT) if torch.rand(1) < self.p else image
 
 
 class _ToTensor:
