@@ -175,7 +175,8 @@ def find_runs(paths, problems: list[str] | None = None) -> list[Path]:
     return found
 
 
-def _stat(values) -> dict:
+def mean_std(values) -> dict:
+    """``{"mean", "std", "n"}`` over the values that are not None (std 0 for one value)."""
     values = [v for v in values if v is not None]
     if not values:
         return {"mean": None, "std": None, "n": 0}
@@ -197,15 +198,15 @@ def summarize(runs: list[Run]) -> list[dict]:
             "runs": len(members),
             "verdicts": _merged([{r.verdict: 1} for r in members]),
             "steps": sum(c.steps for c in counts),
-            "nan_steps": _stat([c.nan_steps for c in counts]),
-            "grad_skips": _stat([c.grad_skips for c in counts]),
-            "amp_skips": _stat([c.amp_skips for c in counts]),
-            "skipped": _stat([c.skipped for c in counts]),
-            "first_nan_step": _stat([c.first_nan_step for c in counts]),
-            "end_loss": _stat([r.end_loss for r in members]),
-            "eval_loss": _stat([r.eval_final for r in members]),
-            "best_eval_loss": _stat([r.eval_best for r in members]),
-            "bits_per_dim": _stat([r.bits_per_dim for r in members]),
+            "nan_steps": mean_std([c.nan_steps for c in counts]),
+            "grad_skips": mean_std([c.grad_skips for c in counts]),
+            "amp_skips": mean_std([c.amp_skips for c in counts]),
+            "skipped": mean_std([c.skipped for c in counts]),
+            "first_nan_step": mean_std([c.first_nan_step for c in counts]),
+            "end_loss": mean_std([r.end_loss for r in members]),
+            "eval_loss": mean_std([r.eval_final for r in members]),
+            "best_eval_loss": mean_std([r.eval_best for r in members]),
+            "bits_per_dim": mean_std([r.bits_per_dim for r in members]),
             "seeds": [r.seed for r in members],
             "status": sorted({r.status for r in members}),
             "stalled": {"runs": sum(c.stalled_since is not None for c in counts),
