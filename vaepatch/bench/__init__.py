@@ -7,4 +7,3 @@ def fill_defaults(args, defaults: dict, quick: dict) -> None:
     for key, value in {**defaults, **(quick if args.quick else {})}.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-
