@@ -5,7 +5,7 @@ import torch
 
 from vaepatch import upstream
 from vaepatch.bench.cost import activation_memory as am
-from vaepatch.bench.measure import rss_rise, saved_bytes
+from vaepatch.bench.cost.measure import rss_rise, saved_bytes
 from tests.nvae_support import require_nvae
 from tests.vdvae_support import require_vdvae
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from vaepatch import gaussian, mnist, scales
-from vaepatch.bench import decoder_variance as dv
+from vaepatch.bench.reparam import decoder_variance as dv
 from vaepatch.bench import paper_tables
 
 REPO = Path(__file__).resolve().parents[1]

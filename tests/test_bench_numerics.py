@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from vaepatch.bench import numerics
+from vaepatch.bench.reparam import numerics
 
 REPO = Path(__file__).resolve().parents[1]
 

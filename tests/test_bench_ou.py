@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from vaepatch.bench import ou_collapse, ou_cost, ou_phase
+from vaepatch.bench.cost import ou_smoothing as ou_cost
+from vaepatch.bench.ou import collapse as ou_collapse, phase as ou_phase
 from vaepatch.models import MLPHierarchy
 
 

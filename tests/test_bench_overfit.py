@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from vaepatch.bench import overfit, paper_tables
+from vaepatch.bench import paper_tables
+from vaepatch.bench.reparam import overfit
 
 
 def test_model_shapes_and_raw_pixel_data():

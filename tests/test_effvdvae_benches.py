@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from vaepatch.bench import skip_counts, stability_margin
+from vaepatch.bench import margin as stability_margin, skip_counts
 from vaepatch.targets.effvdvae import tiny
 
 

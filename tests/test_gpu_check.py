@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from vaepatch.bench import gpu, gpu_report, gpu_runs, gpu_state
+from vaepatch.bench import gpu
+from vaepatch.bench.gpu import report as gpu_report, runs as gpu_runs, state as gpu_state
 from vaepatch.runs import events
 from vaepatch.runs import manifest as run_manifest
 from tests.nvae_support import nvae_clone
@@ -272,6 +273,6 @@ def test_dry_run_of_the_gpu_check_script(tmp_path):
 
 
 def gpu_runs_safe(name):
-    from vaepatch.bench.gpu_sections import _safe
+    from vaepatch.bench.gpu.sections import _safe
 
     return _safe(name)

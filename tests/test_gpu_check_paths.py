@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from vaepatch.bench import gpu, gpu_runs
-from vaepatch.bench.gpu_sections import fuse_summary
+from vaepatch.bench import gpu
+from vaepatch.bench.gpu import runs as gpu_runs
+from vaepatch.bench.gpu.sections import fuse_summary
 
 pytestmark = pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="SKIPPED, reads process states in /proc")
 

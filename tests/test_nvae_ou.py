@@ -200,7 +200,7 @@ def test_prior_scale_of_the_variant_reaches_the_smoothed_prior(nvae, monkeypatch
 def test_ou_cost_measures_the_tiny_nvae(nvae):
     """bench ou-cost on NVAE (its own spawned interpreter): K copies cost more FLOPs and more saved
     activations than plain, and fewer FLOPs than K + 1 plain steps (the copies redo part of a step)."""
-    from vaepatch.bench import ou_cost
+    from vaepatch.bench.cost import ou_smoothing as ou_cost
 
     plain, smoothed = ou_cost.measure_upstream("nvae", [3], steps=1, warmup=0, rss_steps=0, threads=1)
     assert (plain["config"], smoothed["config"]) == ("plain", "ou rho=0.9 K=3")

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from vaepatch.bench import stability_margin as sm
-from vaepatch.bench import stability_margin_report as report
+from vaepatch.bench import margin as sm
+from vaepatch.bench.margin import report
 from vaepatch.runs import events
 from vaepatch.runs import manifest as run_manifest
 from tests.vdvae_support import vdvae_clone

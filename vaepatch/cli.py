@@ -49,11 +49,13 @@ def _variants(argv) -> int:
 def _bench(argv) -> int:
     from vaepatch import targets
 
-    benches = {"numerics": "vaepatch.bench.numerics", **targets.benches(), "overfit": "vaepatch.bench.overfit",
-               "decoder-variance": "vaepatch.bench.decoder_variance", "ou-collapse": "vaepatch.bench.ou_collapse",
-               "phase": "vaepatch.bench.ou_phase", "ou-cost": "vaepatch.bench.ou_cost",
+    benches = {"numerics": "vaepatch.bench.reparam.numerics", **targets.benches(),
+               "overfit": "vaepatch.bench.reparam.overfit",
+               "decoder-variance": "vaepatch.bench.reparam.decoder_variance",
+               "ou-collapse": "vaepatch.bench.ou.collapse", "phase": "vaepatch.bench.ou.phase",
+               "ou-cost": "vaepatch.bench.cost.ou_smoothing",
                "activation-memory": "vaepatch.bench.cost.activation_memory",
-               "stability-margin": "vaepatch.bench.stability_margin", "skip-counts": "vaepatch.bench.skip_counts",
+               "stability-margin": "vaepatch.bench.margin", "skip-counts": "vaepatch.bench.skip_counts",
                "gpu": "vaepatch.bench.gpu"}
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in benches:
         known = ", ".join(benches)

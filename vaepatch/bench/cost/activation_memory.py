@@ -2,7 +2,7 @@
 
 For every built-in variant on each upstream whose clone is present, eager and fused (torch.compile), on the
 tiny models of that upstream's ``memory.py`` (its step-time bench's): the bytes of the tensors autograd holds
-for backward at the end of the forward (``vaepatch.bench.measure.saved_bytes``: each storage once, a view
+for backward at the end of the forward (``vaepatch.bench.cost.measure.saved_bytes``: each storage once, a view
 counting its whole storage, parameters excluded) -- a count, exact and the same on every run and machine
 load -- and the rise of the peak resident set (Linux VmHWM) over one step, the median of --rss-steps, which
 also holds gradients, temporaries and the allocator's slack, so it is noisier. The ratio is patched /
@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from vaepatch.bench.measure import rss_rise, saved_bytes
+from vaepatch.bench.cost.measure import rss_rise, saved_bytes
 from vaepatch.markdown import table
 
 __all__ = ["RSS_STEPS", "measure_one", "measure", "table_lines", "main"]

@@ -37,7 +37,7 @@ from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from pathlib import Path
 
 from vaepatch.bench import fill_defaults
-from vaepatch.bench import stability_margin as margin
+from vaepatch.bench import margin
 from vaepatch.bench.skip_counts import report
 from vaepatch.runs import events as _events
 from vaepatch.runs import manifest as run_manifest

@@ -30,7 +30,7 @@ import sys
 
 import torch
 
-from vaepatch.bench import timing
+from vaepatch.bench.cost import timing
 from vaepatch.variant import split_list
 from vaepatch.targets.nvae.tiny import ADAMAX, ARCH, BATCH, TINY_ARGS, batch, nvae_on_cpu, tiny_nvae, train_step
 

@@ -14,9 +14,9 @@ import time
 
 import torch
 
-from vaepatch.bench import timing
+from vaepatch.bench.cost import timing
 from vaepatch.variant import split_list
-from vaepatch.bench.measure import cuda_peak, saved_bytes
+from vaepatch.bench.cost.measure import cuda_peak, saved_bytes
 from vaepatch.targets.vdvae.tiny import batch, cifar10_vae, tiny_vae
 
 SIZES = {"tiny": tiny_vae, "cifar10": cifar10_vae}
@@ -41,7 +41,7 @@ def _step(model, optimizer, x):
 
 def _memory(models, optimizers, x, before) -> dict:
     """Per model, after timing: on CUDA the peak allocated during one step and its rise above what was
-    allocated before it (``vaepatch.bench.measure.cuda_peak``); on CPU, which has no allocator
+    allocated before it (``vaepatch.bench.cost.measure.cuda_peak``); on CPU, which has no allocator
     statistics, the activation bytes autograd saves for backward (``saved_bytes``)."""
     memory = {}
     for name, m in models.items():

@@ -1,5 +1,5 @@
 """The GPU check's sections (what each measures: ``vaepatch.bench.gpu``). ``vaepatch bench gpu`` runs each
-in an interpreter of its own (``python -m vaepatch.bench.gpu_sections NAME --config CONFIG.json --part
+in an interpreter of its own (``python -m vaepatch.bench.gpu.sections NAME --config CONFIG.json --part
 PART.json --seconds S``): a crash, a hung kernel or the time budget then ends one section, never the
 check, and VDVAE's and NVAE's clashing module names never meet. A section writes its result to
 PART.json after every row it finishes (atomically), so one stopped at its time keeps what it measured.
@@ -17,8 +17,8 @@ import traceback
 import warnings
 from pathlib import Path
 
-from vaepatch.bench import gpu_runs
-from vaepatch.bench.gpu_state import dumps, read_json, section_status, write_atomic
+from vaepatch.bench.gpu import runs as gpu_runs
+from vaepatch.bench.gpu.state import dumps, read_json, section_status, write_atomic
 
 __all__ = ["SECTIONS", "Context", "main"]
 
@@ -256,7 +256,7 @@ def _shim_problems(compat: list, cpu: bool) -> list:
 
 # -- OU cost ---------------------------------------------------------------------------------------
 def ou_cost(cfg: dict, ctx: Context) -> dict:
-    from vaepatch.bench.ou_cost import RHO
+    from vaepatch.bench.cost.ou_smoothing import RHO
 
     result = {"device": ctx.device, "rho": RHO, "samples": cfg["samples"], "steps": cfg["steps"],
               "warmup": cfg["warmup"], "rows": []}
@@ -279,7 +279,7 @@ OU_REFERENCES = {"mlp": "MLP 40-40-40-40, batch 100", "vdvae": "tiny VDVAE (widt
 
 def _ou_rows(kind: str, samples: int, steps: int, warmup: int, device: str) -> list:
     """Plain vs OU with ``samples`` copies on ``device`` (``ou_cost.measure_configs``): time, memory, FLOPs."""
-    from vaepatch.bench.ou_cost import measure_configs
+    from vaepatch.bench.cost.ou_smoothing import measure_configs
 
     rows = [{"reference": OU_REFERENCES[kind], "config": "plain" if r["samples"] is None else f"OU K={r['samples']}",
              "samples": r["samples"], "seconds": r["seconds"], "memory_bytes": r.get("peak", r.get("saved")),
@@ -293,7 +293,7 @@ SECTIONS = {"preflight": preflight, "vdvae-step-time": vdvae_step_time, "nvae-am
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m vaepatch.bench.gpu_sections", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m vaepatch.bench.gpu.sections", description=__doc__.split("\n\n")[0])
     parser.add_argument("section", choices=list(SECTIONS))
     parser.add_argument("--config", required=True, help="the check's config JSON (vaepatch bench gpu writes it)")
     parser.add_argument("--part", required=True, help="where this section's result goes (JSON, rewritten per row)")

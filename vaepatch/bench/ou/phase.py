@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from vaepatch.bench import fill_defaults
-from vaepatch.bench.mlp_jobs import ENV, add_training_args, load_data, run_jobs
+from vaepatch.bench.ou.jobs import ENV, add_training_args, load_data, run_jobs
 from vaepatch.mnist import MNIST_SOURCE
 from vaepatch.variant import Variant
 

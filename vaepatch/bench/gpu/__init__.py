@@ -2,7 +2,7 @@
 H100/H200); ``--dry-run`` runs the same code at tiny sizes, on a CPU in under 2 minutes.
 
 Sections, in this order (cheap first, so that a slow one late in the run squeezes only the last),
-each in an interpreter of its own (``vaepatch.bench.gpu_sections``):
+each in an interpreter of its own (``vaepatch.bench.gpu.sections``):
 
   preflight        GPU, driver, torch, Triton, git, MPI; the clones verified
   launcher         mpiexec -n 1 vaepatch run vdvae (nccl, .cuda(), DDP device ids) and vaepatch run nvae,
@@ -35,9 +35,9 @@ import tarfile
 import time
 from pathlib import Path
 
-from vaepatch.bench import gpu_runs
-from vaepatch.bench.gpu_report import render_markdown
-from vaepatch.bench.gpu_state import SCHEMA, Budget, dumps, read_json, write_atomic
+from vaepatch.bench.gpu import runs as gpu_runs
+from vaepatch.bench.gpu.report import render_markdown
+from vaepatch.bench.gpu.state import SCHEMA, Budget, dumps, read_json, write_atomic
 from vaepatch.runs.manifest import now
 
 __all__ = ["BEST_MARGIN_VARIANT", "DEFAULT_VARIANTS", "SECTIONS", "GPU", "DRY_RUN", "config", "main"]
@@ -148,7 +148,7 @@ def run_section(check: Check, name: str, seconds: float, config_path: Path, budg
     part.unlink(missing_ok=True)
     log = check.work / "logs" / f"section-{name}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
-    command = [sys.executable, "-m", "vaepatch.bench.gpu_sections", name, "--config", str(config_path),
+    command = [sys.executable, "-m", "vaepatch.bench.gpu.sections", name, "--config", str(config_path),
                "--part", str(part), "--seconds", f"{seconds:.1f}"]
     t0 = time.monotonic()
     record = {"status": "running", "started": now(), "seconds": 0.0, "allotted_s": round(seconds, 1), "log": str(log)}

@@ -1,7 +1,7 @@
 """The GPU check's state: its time budget, the JSON it is kept in, and a section's status.
 
 Nothing here needs torch, a clone or a GPU. The orchestrator (``vaepatch.bench.gpu``) and the sections
-(``vaepatch.bench.gpu_sections``) write through ``write_atomic``, so a run killed at any moment leaves
+(``vaepatch.bench.gpu.sections``) write through ``write_atomic``, so a run killed at any moment leaves
 the last complete file, never half of one.
 """
 from __future__ import annotations

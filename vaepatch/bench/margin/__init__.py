@@ -39,7 +39,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from vaepatch.bench import fill_defaults
-from vaepatch.bench import stability_margin_report as report
+from vaepatch.bench.margin import report
 from vaepatch.runs import manifest as run_manifest
 from vaepatch.runs import verdict
 from vaepatch.runs.prerun import free_port

@@ -4,7 +4,7 @@ their run directories say (run.json, and every count from events.jsonl, never fr
 NVAE's cifar10 loader is torchvision's ``CIFAR10(download=True)``, which checks the files' md5 sums and
 downloads the real CIFAR-10 when they do not match. The check's data are ``vaepatch make-data`` crops in
 CIFAR-10's exact format (the GPU machine has no network, and the real set is larger than what travels
-with the tree), so they never match: ``python -m vaepatch.bench.gpu_runs run-nvae ARGS`` is
+with the tree), so they never match: ``python -m vaepatch.bench.gpu.runs run-nvae ARGS`` is
 ``vaepatch run nvae ARGS`` with torchvision's ``CIFAR10`` replaced by vaepatch's reader of those files
 (the one the ``torchvision-stub-nvae`` shim gives a machine without torchvision). Nothing else differs.
 """
@@ -52,7 +52,7 @@ def nvae_command(python: str, out: Path, data: Path, variant: str, steps: int, p
                  train_args: list, batch: int, lr: float | None = None) -> list:
     """``vaepatch run nvae`` (through :func:`main`'s offline CIFAR-10 reader) for ``steps`` steps, one process."""
     lr_args = ["--learning_rate", repr(lr)] if lr is not None else []
-    return [python, "-m", "vaepatch.bench.gpu_runs", "run-nvae", "--variant", variant, "--out", str(out),
+    return [python, "-m", "vaepatch.bench.gpu.runs", "run-nvae", "--variant", variant, "--out", str(out),
             "--max-steps", str(steps), "--master-port", str(port), *(["--cpu"] if cpu else []), "--",
             "--dataset", "cifar10", *train_args, "--batch_size", str(batch), *lr_args, "--warmup_epochs", "0",
             "--epochs", "1", "--num_process_per_node", "1", "--seed", "0", "--data", str(data),
@@ -151,7 +151,7 @@ def _offline_cifar10() -> None:
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] != "run-nvae":
-        print("usage: python -m vaepatch.bench.gpu_runs run-nvae <vaepatch run nvae options> -- <train.py args>",
+        print("usage: python -m vaepatch.bench.gpu.runs run-nvae <vaepatch run nvae options> -- <train.py args>",
               file=sys.stderr)
         return 2
     _offline_cifar10()

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from vaepatch.bench import fill_defaults, paper_tables
-from vaepatch.bench.mlp_jobs import ENV, add_training_args, load_data, run_jobs
+from vaepatch.bench.ou.jobs import ENV, add_training_args, load_data, run_jobs
 from vaepatch.mnist import MNIST_SOURCE
 from vaepatch.models.mlp_hierarchy import ACTIVE_THRESHOLD
 from vaepatch.models.mlp_training import CheckpointMismatch

@@ -49,7 +49,7 @@ import numpy as np
 import torch
 
 from vaepatch import scales
-from vaepatch.bench import decoder_variance_report as report
+from vaepatch.bench.reparam import decoder_variance_report as report
 from vaepatch.bench import fill_defaults, paper_tables
 from vaepatch.mnist import ENV, MNIST_SOURCE, load_mnist
 from vaepatch.variant import split_list

@@ -36,8 +36,9 @@ from pathlib import Path
 
 import torch
 
-from vaepatch.bench import fill_defaults, timing
-from vaepatch.bench.measure import counted_flops, cuda_peak, rss_now_and_peak, saved_bytes
+from vaepatch.bench import fill_defaults
+from vaepatch.bench.cost import timing
+from vaepatch.bench.cost.measure import counted_flops, cuda_peak, rss_now_and_peak, saved_bytes
 from vaepatch.models.mlp_hierarchy import MLPHierarchy
 
 __all__ = ["mlp_flops", "saved_bytes", "build", "measure_mlp", "measure_upstream", "measure_configs", "main"]

@@ -255,8 +255,7 @@ def plot(summaries: dict, lrs: list, names: list, path: Path, title: str) -> Non
                     text = "not run"
                 ax.text(j, i, text, ha="center", va="center", fontsize=8,
                         color="white" if frac[i, j] > 0.5 else "black")
-        cmap = matplotlib.colormaps["Reds"].copy()
-        cmap.set_bad("#dddddd")
+        cmap = matplotlib.colormaps["Reds"].with_extremes(bad="#dddddd")
         ax.imshow(np.ma.masked_invalid(frac), cmap=cmap, vmin=0, vmax=1, aspect="auto")
         ax.set_xticks(range(len(lrs)), [fmt_lr(lr) for lr in lrs])
         ax.set_yticks(range(len(names)), names)

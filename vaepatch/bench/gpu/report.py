@@ -1,4 +1,4 @@
-"""The GPU check's report as Markdown: one table per section (its state is ``gpu_state``)."""
+"""The GPU check's report as Markdown: one table per section (its state is ``state``)."""
 from __future__ import annotations
 
 from vaepatch.markdown import table
