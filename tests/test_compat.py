@@ -64,6 +64,28 @@ def test_torchvision_stand_in_imports_but_says_what_is_missing_when_used():
     assert sys.modules.get("torchvision") is before
 
 
+def test_tensorboard_stand_ins_take_every_call_and_are_put_back(tmp_path):
+    """NVAE's tensorboardX and Efficient-VDVAE's torch.utils.tensorboard stand-ins: named as the real class's
+    module, every method a no-op returning None, no file written, dunders still raise (copy and pickle
+    look those up), and the modules they replaced are back after uninstall."""
+    from vaepatch.targets.effvdvae import shims as effvdvae_shims
+
+    for shim, module in ((nvae_shims.SHIMS, "tensorboardX"), (effvdvae_shims.SHIMS, "torch.utils.tensorboard")):
+        before = sys.modules.get(module)
+        uninstall = next(s for s in shim if s.name.startswith("tensorboard")).install()
+        try:
+            writer_class = sys.modules[module].SummaryWriter
+            writer = writer_class(log_dir=str(tmp_path / "tb"), flush_secs=20)
+            assert writer_class.__module__ == module
+            assert writer.add_scalar("loss", 1.0, 0) is None and writer.close() is None
+            with pytest.raises(AttributeError):
+                writer.__deepcopy__
+        finally:
+            uninstall()
+        assert sys.modules.get(module) is before
+    assert not (tmp_path / "tb").exists()
+
+
 def test_a_module_that_fails_to_import_counts_as_absent_and_is_cleaned_up(tmp_path, monkeypatch):
     pkg = tmp_path / "brokenvision"
     pkg.mkdir()

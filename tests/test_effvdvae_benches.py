@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from vaepatch.bench import margin as stability_margin, skip_counts
 from vaepatch.targets.effvdvae import tiny
 
@@ -33,3 +35,18 @@ def test_make_data_has_a_validation_set_and_an_epoch_longer_than_the_run(tmp_pat
     train, _ = cifar_format.read(tiny.make_data(tmp_path, steps=3), True)
     test, _ = cifar_format.read(Path(tmp_path), False)
     assert len(train) == tiny.BATCH * 4 and len(test) == 2 * tiny.N_VAL
+
+
+@pytest.mark.parametrize("bench", ["stability-margin", "skip-counts"])
+def test_a_bench_without_its_clone_says_what_to_fetch(bench, tmp_path, monkeypatch, capsys):
+    """No clone where the pin looks (and none given): exit 2 naming the fetch command, before any run starts;
+    a --upstream that does not exist is named as such."""
+    from vaepatch import cli, upstream
+
+    monkeypatch.delenv(upstream.pin("effvdvae").env, raising=False)
+    monkeypatch.setattr(upstream, "default_dest", lambda name: tmp_path / "absent" / name)
+    assert cli.main(["bench", bench, "--target", "effvdvae", "--out", str(tmp_path / "out")]) == 2
+    assert "no effvdvae clone found" in capsys.readouterr().err and not (tmp_path / "out" / "runs").exists()
+    assert cli.main(["bench", bench, "--target", "effvdvae", "--upstream", str(tmp_path / "nowhere"),
+                     "--out", str(tmp_path / "out")]) == 2
+    assert "nowhere" in capsys.readouterr().err

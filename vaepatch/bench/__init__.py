@@ -1,4 +1,6 @@
 """`vaepatch bench ...`: the benchmarks, each a module with ``main(argv)``."""
+import sys
+
 from vaepatch.compare import mean_std  # noqa: F401  (mean ± std over runs, as compare reports it)
 
 
@@ -7,3 +9,17 @@ def fill_defaults(args, defaults: dict, quick: dict) -> None:
     for key, value in {**defaults, **(quick if args.quick else {})}.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+
+
+def no_clone(bench: str, target: str, path=None) -> bool:
+    """True, after saying why and what to run, when ``target``'s clone is not found: the bench needs it."""
+    from vaepatch import upstream
+
+    try:
+        if upstream.locate(target, path) is not None:
+            return False
+        print(f"vaepatch bench {bench}: no {target} clone found; this bench runs the real upstream. "
+              f"run: vaepatch fetch {target}", file=sys.stderr)
+    except upstream.UpstreamError as err:
+        print(f"vaepatch bench {bench}: {err}", file=sys.stderr)
+    return True

@@ -104,6 +104,23 @@ def stand_in(name: str, **attributes) -> types.ModuleType:
     return module
 
 
+def null_writer(module: str) -> type:
+    """A TensorBoard ``SummaryWriter`` stand-in named as ``module``'s: takes every call and writes nothing.
+
+    An upstream's TensorBoard logs are for reading only; vaepatch's launchers record their own per-step
+    events (and write TensorBoard themselves where asked)."""
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __getattr__(self, name):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return lambda *args, **kwargs: None
+
+    return type("SummaryWriter", (), {"__init__": __init__, "__getattr__": __getattr__, "__module__": module,
+                                      "__doc__": f"{module}.SummaryWriter stand-in: takes every call, writes nothing."})
+
+
 class MissingPackage(types.ModuleType):
     """A stand-in for a package that is not installed: any public name is a class.
 

@@ -38,7 +38,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from vaepatch.bench import fill_defaults
+from vaepatch.bench import fill_defaults, no_clone
 from vaepatch.bench.margin import report
 from vaepatch.runs import manifest as run_manifest
 from vaepatch.runs import verdict
@@ -311,15 +311,7 @@ def main(argv=None) -> int:
     if args.steps < 1 or args.stall_steps < 1 or not seeds or ("vanilla" not in names and not args.every_cell):
         parser.error("need --steps >= 1, --stall-steps >= 1, at least one seed, and vanilla among the variants "
                      "(the search measures every margin against vanilla's; --every-cell runs given cells without it)")
-    from vaepatch import upstream
-
-    try:
-        if upstream.locate(args.target, args.upstream) is None:
-            print(f"vaepatch bench stability-margin: no {args.target} clone found; this bench runs the real "
-                  f"upstream. run: vaepatch fetch {args.target}", file=sys.stderr)
-            return 2
-    except upstream.UpstreamError as err:
-        print(f"vaepatch bench stability-margin: {err}", file=sys.stderr)
+    if no_clone("stability-margin", args.target, args.upstream):
         return 2
     records = Path(args.records).resolve() if args.records else out / "records"
     started = time.perf_counter()

@@ -36,7 +36,7 @@ import time
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from pathlib import Path
 
-from vaepatch.bench import fill_defaults
+from vaepatch.bench import fill_defaults, no_clone
 from vaepatch.bench import margin
 from vaepatch.bench.skip_counts import report
 from vaepatch.runs import events as _events
@@ -277,15 +277,7 @@ def main(argv=None) -> int:
         saved = args.records / "threshold.json"
         calibration = json.loads(saved.read_text()) if saved.exists() else None
     else:
-        from vaepatch import upstream
-
-        try:
-            if upstream.locate(args.target, args.upstream) is None:
-                print(f"vaepatch bench skip-counts: no {args.target} clone found; this bench runs the real upstream. "
-                      f"run: vaepatch fetch {args.target}", file=sys.stderr)
-                return 2
-        except upstream.UpstreamError as err:
-            print(f"vaepatch bench skip-counts: {err}", file=sys.stderr)
+        if no_clone("skip-counts", args.target, args.upstream):
             return 2
         records, calibration = run(args, out)
     report.write(out, args, records, calibration, time.perf_counter() - started)

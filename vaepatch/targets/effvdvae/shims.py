@@ -19,8 +19,8 @@ from typing import Callable
 
 from vaepatch.patching import Patch
 from vaepatch.runs.shims import (CompatError, Compose, MissingPackage, RandomHorizontalFlip, Shim, importable,
-                                 install_cuda_calls, install_gloo, install_set_device, on_cpu, patches, put_modules,
-                                 stand_in)
+                                 install_cuda_calls, install_gloo, install_set_device, null_writer, on_cpu, patches,
+                                 put_modules, stand_in)
 
 __all__ = ["SHIMS", "BEFORE_IMPORT", "AFTER_IMPORT", "LOAD_SHIMS", "install", "install_after_import",
            "install_for_load"]
@@ -74,20 +74,9 @@ def _install_torchvision() -> Callable[[], None]:
     return _put({"torchvision": stand_in("torchvision", transforms=transforms), "torchvision.transforms": transforms})
 
 
-class _SummaryWriter:
-    """torch.utils.tensorboard's SummaryWriter without TensorBoard: takes every call, writes nothing."""
-
-    def __init__(self, *args, **kwargs):
-        pass
-
-    def __getattr__(self, name):
-        if name.startswith("__"):
-            raise AttributeError(name)
-        return lambda *args, **kwargs: None
-
-
 def _install_tensorboard() -> Callable[[], None]:
-    return _put({"torch.utils.tensorboard": stand_in("torch.utils.tensorboard", SummaryWriter=_SummaryWriter)})
+    writer = null_writer("torch.utils.tensorboard")
+    return _put({"torch.utils.tensorboard": stand_in("torch.utils.tensorboard", SummaryWriter=writer)})
 
 
 BEFORE_IMPORT = (

@@ -14,29 +14,14 @@ from typing import Callable
 
 from vaepatch.patching import Patch
 from vaepatch.runs.shims import (Compose, MissingPackage, NumpyAcceptingGenerators, RandomHorizontalFlip, Shim,
-                                 importable, install_cuda_calls, install_gloo, install_set_device, on_cpu, patches,
-                                 put_modules, stand_in)
+                                 importable, install_cuda_calls, install_gloo, install_set_device, null_writer, on_cpu,
+                                 patches, put_modules, stand_in)
 
 __all__ = ["SHIMS", "install"]
 
 
 def _install_tensorboardx() -> Callable[[], None]:
-    class SummaryWriter:
-        """tensorboardX.SummaryWriter stand-in: takes every call and writes nothing.
-
-        NVAE's logs are for TensorBoard only; vaepatch's launcher records its own per-step events.
-        """
-
-        def __init__(self, *args, **kwargs):
-            pass
-
-        def __getattr__(self, name):
-            if name.startswith("__"):
-                raise AttributeError(name)
-            return lambda *args, **kwargs: None
-
-    SummaryWriter.__module__ = "tensorboardX"
-    return put_modules({"tensorboardX": stand_in("tensorboardX", SummaryWriter=SummaryWriter)})
+    return put_modules({"tensorboardX": stand_in("tensorboardX", SummaryWriter=null_writer("tensorboardX"))})
 
 
 def _install_lmdb() -> Callable[[], None]:
