@@ -91,6 +91,11 @@ def test_a_cell_counts_nan_steps_skips_and_the_share_applied_as_table_4_does():
     assert "NaN steps 125 (max 362)" in report._cell_text(s) and "grad skips 1" in report._cell_text(s)
     why = report._why({**runs[2], "end_applied_share": 0.04, "first_nonfinite_loss_step": 337, "status": "x"})
     assert why == "mostly skipped: 4% of its last 10% of steps applied; 362 NaN steps, the first at step 337"
+    # Efficient-VDVAE skips a step whose gradient norm is NaN while its loss is finite: no "step None"
+    why = report._why({**runs[2], "verdict": "stalled", "first_failure": "step 61: update skipped (grad)",
+                       "nan_steps": 40, "grad_skips": 60, "first_nonfinite_loss_step": None})
+    assert why == ("stalled (first failing step: step 61: update skipped (grad)); 40 NaN steps (NaN gradients, "
+                   "every loss finite), 60 high-gradient skips")
 
 
 def test_a_grid_record_says_what_its_runs_ran_on_and_how_long_they_took():

@@ -205,7 +205,9 @@ def _why(run: dict) -> str:
         text = f"{verdict} ({run['status']})"
     counted = []
     if run.get("nan_steps"):
-        counted.append(f"{run['nan_steps']} NaN steps, the first at step {run['first_nonfinite_loss_step']}")
+        first = run.get("first_nonfinite_loss_step")  # None: NaN in the gradient only, every loss finite
+        counted.append(f"{run['nan_steps']} NaN steps" + (f", the first at step {first}" if first is not None
+                                                          else " (NaN gradients, every loss finite)"))
     for key, words in (("grad_skips", "high-gradient skips"), ("amp_skips", "AMP skips")):
         if run.get(key):
             counted.append(f"{run[key]} {words}")
