@@ -26,7 +26,7 @@ from vaepatch.pins import Pin, load_pins
 
 __all__ = [
     "Pin", "PINS", "pin", "UpstreamError", "Status", "repo_root", "default_dest", "fetch",
-    "status", "check", "locate", "verify", "add_to_path", "activate",
+    "status", "check", "locate", "require", "verify", "add_to_path", "activate",
 ]
 
 
@@ -122,6 +122,16 @@ def locate(name: str, upstream: str | os.PathLike | None = None) -> Path | None:
             f"{where} points to {path}, which is not a directory, so there is no {name} clone "
             f"to use.\nrun: vaepatch fetch {shlex.quote(name)} --dest {shlex.quote(str(path))}")
     return path.resolve()
+
+
+def require(name: str, upstream: str | os.PathLike | None = None, why: str = "") -> Path:
+    """:func:`locate`, raising where it finds nothing: the error says where it looked, ``why`` the caller
+    needs the clone, and the fetch command."""
+    path = locate(name, upstream)
+    if path is None:
+        raise UpstreamError(f"no {name} clone found (looked at ${pin(name).env}, {default_dest(name)})"
+                            f"{': ' + why if why else ''}\nrun: vaepatch fetch {shlex.quote(name)}")
+    return path
 
 
 def add_to_path(path: str | os.PathLike) -> None:

@@ -1,8 +1,6 @@
 """`vaepatch bench ...`: the benchmarks, each a module with ``main(argv)``."""
 import sys
 
-from vaepatch.compare import mean_std  # noqa: F401  (mean ± std over runs, as compare reports it)
-
 
 def fill_defaults(args, defaults: dict, quick: dict) -> None:
     """Give every option still None its default, --quick's where ``args.quick``: explicit flags win."""
@@ -16,10 +14,8 @@ def no_clone(bench: str, target: str, path=None) -> bool:
     from vaepatch import upstream
 
     try:
-        if upstream.locate(target, path) is not None:
-            return False
-        print(f"vaepatch bench {bench}: no {target} clone found; this bench runs the real upstream. "
-              f"run: vaepatch fetch {target}", file=sys.stderr)
+        upstream.require(target, path, why="this bench runs the real upstream.")
+        return False
     except upstream.UpstreamError as err:
         print(f"vaepatch bench {bench}: {err}", file=sys.stderr)
-    return True
+        return True

@@ -15,7 +15,7 @@ import textwrap
 from pathlib import Path
 
 from vaepatch import markdown
-from vaepatch.bench import mean_std
+from vaepatch.compare import mean_std
 
 __all__ = ["cell_summary", "step_counts", "provenance", "cell_state", "margins", "grid_lines", "margin_lines",
            "broke_lines", "plot", "fmt_lr"]

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from vaepatch import markdown
-from vaepatch.bench import mean_std
+from vaepatch.compare import mean_std
 from vaepatch.bench import paper_tables
 from vaepatch.runs import manifest as run_manifest
 

@@ -43,11 +43,7 @@ def nvae_on_cpu():
     from vaepatch.api import revert
     from vaepatch.targets.nvae.shims import install as install_shims
 
-    path = upstream.locate("nvae")  # an explicit $VAEPATCH_NVAE that is not a directory raises here
-    if path is None:
-        raise upstream.UpstreamError(
-            f"no nvae clone found (looked at ${upstream.pin('nvae').env}, {upstream.default_dest('nvae')}): "
-            "nvae-step-time times the real NVlabs/NVAE.\nrun: vaepatch fetch nvae")
+    path = upstream.require("nvae", why="nvae-step-time times the real NVlabs/NVAE.")
     upstream.add_to_path(path)
     shims = install_shims(cpu=True)
     try:
