@@ -124,3 +124,21 @@ def test_bad_settings_are_refused_with_the_reason(bad, capsys):
     with pytest.raises(SystemExit):
         sc._parse(["--variants", "vanilla", *bad])
     assert "error:" in capsys.readouterr().err
+
+
+def test_a_resumed_grid_runs_its_bind_runs_alone_at_the_saved_calibration(tmp_path, monkeypatch, capsys):
+    import vaepatch.targets.vdvae.tiny as tiny
+
+    monkeypatch.setattr(tiny, "make_data", lambda dest, steps: dest)
+    argv = ["--out", str(tmp_path / "grid"), "--records", str(tmp_path / "records"), "--variants", "upbounded1",
+            "--seeds", "1", "--steps", str(STEPS), "--skip", "bind"]
+    with pytest.raises(SystemExit):  # nothing calibrated yet, and the grid cannot calibrate
+        sc._parse(argv)
+    assert "threshold.json" in capsys.readouterr().err
+    (tmp_path / "records").mkdir()
+    (tmp_path / "records" / "threshold.json").write_text(json.dumps({"threshold": 14.0, "rule": "earlier grid"}))
+    launched = []
+    args = sc._parse(argv)
+    records, calibration = sc.run(args, args.out, launch=_fake_launcher(launched))
+    assert calibration["threshold"] == 14.0 and list(records) == [("bind", "upbounded1", 1)]
+    assert len(launched) == 1 and float(launched[0][launched[0].index("--skip_threshold") + 1]) == 14.0

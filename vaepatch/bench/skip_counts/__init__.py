@@ -260,17 +260,20 @@ def _parse(argv):
         parser.error(f"--skip takes bind and/or off, comma-separated; got {args.skip!r}")
     if args.steps < 2 or args.stall_steps < 1 or not args.seeds or not 0 < args.quantile < 1 or args.lr <= 0:
         parser.error("need --steps >= 2, --stall-steps >= 1, a seed, 0 < --quantile < 1 and --lr > 0")
-    if "bind" in args.policies and args.threshold is None and ("off" not in args.policies or "vanilla" not in args.names
-                                                               or 0 not in args.seeds):
+    args.out = Path(args.out or "vaepatch-skip-counts" + ("" if args.target == "vdvae" else f"-{args.target}")).resolve()
+    args.records = Path(args.records).resolve() if args.records else args.out / "records"
+    calibrated = (args.records / "threshold.json").exists()  # a resumed grid may run its bind runs alone
+    if ("bind" in args.policies and args.threshold is None and not calibrated
+            and ("off" not in args.policies or "vanilla" not in args.names or 0 not in args.seeds)):
         parser.error("calibrating the bind threshold needs vanilla's seed-0 run with the rule off: keep vanilla, "
-                     "seed 0 and --skip off in the grid, or give --threshold")
+                     "seed 0 and --skip off in the grid, give --threshold, or point --records at a folder whose "
+                     "threshold.json holds an earlier calibration")
     return args
 
 
 def main(argv=None) -> int:
     args = _parse(list(sys.argv[1:] if argv is None else argv))
-    out = Path(args.out or "vaepatch-skip-counts" + ("" if args.target == "vdvae" else f"-{args.target}")).resolve()
-    args.records = Path(args.records).resolve() if args.records else out / "records"
+    out = args.out
     started = time.perf_counter()
     if args.report_only:
         records = load_records(args.records)
