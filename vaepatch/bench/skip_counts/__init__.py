@@ -260,7 +260,8 @@ def _parse(argv):
         parser.error(f"--skip takes bind and/or off, comma-separated; got {args.skip!r}")
     if args.steps < 2 or args.stall_steps < 1 or not args.seeds or not 0 < args.quantile < 1 or args.lr <= 0:
         parser.error("need --steps >= 2, --stall-steps >= 1, a seed, 0 < --quantile < 1 and --lr > 0")
-    args.out = Path(args.out or "vaepatch-skip-counts" + ("" if args.target == "vdvae" else f"-{args.target}")).resolve()
+    default_out = "vaepatch-skip-counts" + ("" if args.target == "vdvae" else f"-{args.target}")
+    args.out = Path(args.out or default_out).resolve()
     args.records = Path(args.records).resolve() if args.records else args.out / "records"
     calibrated = (args.records / "threshold.json").exists()  # a resumed grid may run its bind runs alone
     if ("bind" in args.policies and args.threshold is None and not calibrated
