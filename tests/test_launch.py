@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from vaepatch.runs import events
+from vaepatch.runs.recorder import StopAtMaxSteps
 from vaepatch.targets.vdvae import launch
 from vaepatch.cli import main as cli
 
@@ -146,3 +147,31 @@ def test_compile_works_reports_a_failure_instead_of_raising(monkeypatch):
 
     monkeypatch.setattr(torch, "compile", broken)
     assert prerun.compile_works("cpu") == (False, "RuntimeError: Compiler: cc not found")
+
+
+@pytest.mark.parametrize("ending, status", [(None, "completed"), (SystemExit(0), "completed"),
+                                            (StopAtMaxSteps(40), "stopped at --max-steps 40"),
+                                            (SystemExit(3), SystemExit), (ValueError("bad"), ValueError)])
+def test_the_script_runs_as_its_own_main_and_its_ending_becomes_the_status(ending, status):
+    import sys
+    import types
+
+    from vaepatch.runs.prerun import run_main
+
+    seen = {}
+    train = types.ModuleType("__main__")
+
+    def main():
+        seen.update(argv=list(sys.argv), main=sys.modules["__main__"])
+        if ending is not None:
+            raise ending
+
+    train.main = main
+    argv, real_main = list(sys.argv), sys.modules["__main__"]
+    if isinstance(status, type):  # a crash or a failing exit() is the caller's to record, not swallowed
+        with pytest.raises(status):
+            run_main(train, ["train.py", "--x"])
+    else:
+        assert run_main(train, ["train.py", "--x"]) == status
+    assert seen == {"argv": ["train.py", "--x"], "main": train}
+    assert sys.argv == argv and sys.modules["__main__"] is real_main

@@ -7,16 +7,19 @@ for ``run.json``, and tear the process group down after a crash without hiding t
 from __future__ import annotations
 
 import os
+import sys
+import types
 from pathlib import Path
 
 from vaepatch import upstream
 from vaepatch.runs import events
+from vaepatch.runs import manifest as run_manifest
 from vaepatch.runs.manifest import LaunchError
 from vaepatch.variant import Variant
 
 __all__ = ["resolve_variant", "check_max_steps", "find_clone", "require_device", "choose_fuse", "compile_works",
            "shim_record",
-           "destroy_process_group", "stalled_since", "free_port"]
+           "destroy_process_group", "stalled_since", "run_main", "record_end", "free_port"]
 
 
 def resolve_variant(spec) -> Variant:
@@ -71,6 +74,41 @@ def stalled_since(out: Path, stall_steps: int):
         return events.count(events.read(out), stall_steps).stalled_since
     except FileNotFoundError:
         return None
+
+
+def run_main(train: types.ModuleType, argv: list[str]) -> str:
+    """Call a loaded training script's ``main()`` as its own ``__main__`` with ``argv`` (both put back
+    after); the run's status: ``"completed"``, or the status a :class:`StopRun` carries (max steps,
+    stalled). A script that ``exit()``s cleanly after its last step has completed; anything else raises."""
+    from vaepatch.runs.recorder import StopRun
+
+    saved_argv, saved_main = sys.argv, sys.modules.get("__main__")
+    sys.argv, sys.modules["__main__"] = list(argv), train
+    try:
+        train.main()
+    except StopRun as stop:
+        return stop.status
+    except SystemExit as stop:
+        if stop.code not in (None, 0):
+            raise
+    finally:
+        sys.argv = saved_argv
+        if saved_main is not None:
+            sys.modules["__main__"] = saved_main
+    return "completed"
+
+
+def record_end(manifest: dict, session: dict, status: str, recorder, out: Path, stall_steps: int, rank: int) -> None:
+    """However the run ended: close its event log, write the ending into this session and ``run.json``
+    (rank 0: status, time, steps logged, a final stall, whether the weights are finite), then tear the
+    process group down."""
+    recorder.close()
+    session.update(status=status, ended=run_manifest.now(), steps_logged=recorder.logged)
+    manifest.update(status=status, ended=session["ended"], stalled_since=stalled_since(out, stall_steps),
+                    weights_finite=recorder.weights_finite())
+    if rank == 0:
+        run_manifest.write(out / run_manifest.FILENAME, manifest)
+    destroy_process_group()
 
 
 def free_port() -> int:

@@ -24,9 +24,8 @@ from vaepatch.runs import manifest as run_manifest
 from vaepatch.runs import shims as runs_shims
 from vaepatch.runs.events import FILENAME as EVENTS, STALL_STEPS
 from vaepatch.runs.manifest import LaunchError
-from vaepatch.runs.prerun import (check_max_steps, choose_fuse, destroy_process_group, find_clone, free_port,
-                                  require_device, resolve_variant, shim_record, stalled_since)
-from vaepatch.runs.recorder import StopRun
+from vaepatch.runs.prerun import (check_max_steps, choose_fuse, find_clone, free_port, record_end, require_device,
+                                  resolve_variant, run_main, shim_record)
 from vaepatch.runs.script import load_script
 from vaepatch.targets.effvdvae import config, shims
 from vaepatch.targets.effvdvae.patch import upstream_scale
@@ -191,7 +190,6 @@ def _run(resolved, variant, out, train_args, location, hparams, model_module, in
     if rank == 0:
         run_manifest.write(manifest_path, manifest)
     handle = hooks = None
-    saved_argv, saved_main = sys.argv, sys.modules.get("__main__")
     status = "crashed"
     try:
         handle = apply(resolved, target="effvdvae", upstream=location, strict=o["strict"], fuse=fuse)
@@ -206,32 +204,14 @@ def _run(resolved, variant, out, train_args, location, hparams, model_module, in
         hooks = PatchSet([Patch(model_module, name, getattr(recorder, name)(getattr(model_module, name)))
                           for name in ("train_step", "compute_loss", "gradient_skip")],
                          label="vaepatch Efficient-VDVAE step recorder").apply()
-        sys.argv, sys.modules["__main__"] = [str(train_py)], train
-        try:
-            train.main()
-            status = "completed"
-        except StopRun as stop:
-            status = stop.status
-        except SystemExit as stop:  # train() calls exit() after train.total_train_steps
-            if stop.code not in (None, 0):
-                raise
-            status = "completed"
+        status = run_main(train, [str(train_py)])  # train() exit()s after train.total_train_steps: completed
     except BaseException as e:
         status = f"crashed: {type(e).__name__}: {e}"
         raise
     finally:
-        sys.argv = saved_argv
-        if saved_main is not None:
-            sys.modules["__main__"] = saved_main
         if hooks is not None:
             hooks.revert()
-        recorder.close()
-        session.update(status=status, ended=run_manifest.now(), steps_logged=recorder.logged)
-        manifest.update(status=status, ended=session["ended"], stalled_since=stalled_since(out, o["stall_steps"]),
-                        weights_finite=recorder.weights_finite())
-        if rank == 0:
-            run_manifest.write(manifest_path, manifest)
-        destroy_process_group()
+        record_end(manifest, session, status, recorder, out, o["stall_steps"], rank)
         if handle is not None:
             handle.revert()
     return manifest

@@ -13,18 +13,17 @@ import argparse
 import importlib
 import importlib.util
 import os
-import sys
 from pathlib import Path
 
 from vaepatch import cifar_format, upstream
 from vaepatch.api import apply
 from vaepatch.patching import Patch, PatchSet
 from vaepatch.runs import manifest as run_manifest
-from vaepatch.runs.prerun import (check_max_steps, choose_fuse, destroy_process_group, find_clone, require_device,
-                                  resolve_variant, shim_record, stalled_since)
+from vaepatch.runs.prerun import (check_max_steps, choose_fuse, find_clone, record_end, require_device,
+                                  resolve_variant, run_main, shim_record)
 from vaepatch.runs.manifest import LaunchError
 from vaepatch.runs.events import STALL_STEPS
-from vaepatch.runs.recorder import StopAtMaxSteps, StopRun
+from vaepatch.runs.recorder import StopAtMaxSteps
 from vaepatch.runs.script import load_script
 from vaepatch.targets.vdvae.patch import UPSTREAM_SCALE
 from vaepatch.targets.vdvae.recorder import StepRecorder
@@ -92,7 +91,7 @@ def run_vdvae(variant: str, out: str | os.PathLike, train_args: list[str], *, up
     comm = MPI.COMM_WORLD
     rank, world = comm.Get_rank(), comm.Get_size()
     out = Path(out).resolve()
-    manifest_path = out / "run.json"
+    manifest_path = out / run_manifest.FILENAME
     previous = run_manifest.previous(out, resolved.spec)
     comm.Barrier()  # every rank has checked the old manifest before rank 0 rewrites it
 
@@ -119,7 +118,6 @@ def run_vdvae(variant: str, out: str | os.PathLike, train_args: list[str], *, up
     if rank == 0:
         print(f"vaepatch: block math {fuse_reason}", flush=True)
     handle = None
-    saved_argv, saved_main = sys.argv, sys.modules.get("__main__")
     session = {"started": run_manifest.now(), "argv": list(train_args), "resumed_after_step": writer.resumed_from}
     manifest.update(
         world_size=world, device="cpu" if cpu else "cuda", fuse=fuse, fuse_reason=fuse_reason,
@@ -144,28 +142,15 @@ def run_vdvae(variant: str, out: str | os.PathLike, train_args: list[str], *, up
             Patch(train, "training_step", recorder.training_step(train.training_step)),
             Patch(train, "get_cpu_stats_over_ranks", recorder.stats_over_ranks(train.get_cpu_stats_over_ranks)),
         ], label="vaepatch step recorder").apply()
-        sys.argv, sys.modules["__main__"] = [str(train_py), *train_args], train
         try:
-            train.main()
-            status = "completed"
-        except StopRun as stop:
-            status = stop.status
+            status = run_main(train, [str(train_py), *train_args])
         finally:
             hooks.revert()
     except BaseException as e:
         status = f"crashed: {type(e).__name__}: {e}"
         raise
     finally:
-        sys.argv = saved_argv
-        if saved_main is not None:
-            sys.modules["__main__"] = saved_main
-        recorder.close()
-        session.update(status=status, ended=run_manifest.now(), steps_logged=recorder.logged)
-        manifest.update(status=status, ended=session["ended"], stalled_since=stalled_since(out, stall_steps),
-                        weights_finite=recorder.weights_finite())
-        if rank == 0:
-            run_manifest.write(manifest_path, manifest)
-        destroy_process_group()
+        record_end(manifest, session, status, recorder, out, stall_steps, rank)
         if handle is not None:
             handle.revert()
         shims.revert()
